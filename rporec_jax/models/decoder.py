@@ -1,0 +1,244 @@
+"""Causal decoder (Llama / Qwen2 / Qwen3 families) as a Flax Linen module, with a KV-cache path.
+
+Parameters carry logical axis names (see `rporec_jax.sharding`); the layer stack is an `nn.scan`, so its
+parameters have a leading `layers` axis and a 30-layer model compiles one layer body.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rporec_jax.models.decoder_config import DecoderConfig
+
+Array = jax.Array
+_NEG_INF = -1e30  # finite, so a fully masked (padding) query row softmaxes to uniform instead of NaN
+
+
+class KVCache(NamedTuple):
+    """Keys/values of every layer for a left-padded batch; slot j of every row holds the same time step.
+
+    k, v:   [layers, batch, max_len, kv_heads, head_dim]
+    valid:  [batch, max_len] bool, True where the slot holds a real (non-padding) token
+    index:  [] int32, the next slot to write
+    """
+
+    k: Array
+    v: Array
+    valid: Array
+    index: Array
+
+    @property
+    def max_len(self) -> int:
+        """Returns the number of slots."""
+        return self.k.shape[2]
+
+    def next_positions(self) -> Array:
+        """Returns `[batch]` RoPE positions for the next token of each row (its count of real tokens)."""
+        return jnp.sum(self.valid, axis=-1).astype(jnp.int32)
+
+
+class DecoderOutput(NamedTuple):
+    """logits [batch, seq, vocab] (None when not computed), hidden [batch, seq, embed] after the final norm,
+    cache (None without a cache)."""
+
+    logits: Optional[Array]
+    hidden: Array
+    cache: Optional[KVCache]
+
+
+def init_cache(config: DecoderConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """Returns an empty KVCache sized `[layers, batch, max_len, kv_heads, head_dim]`."""
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    dtype = dtype or config.compute_dtype
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
+                   jnp.zeros((), jnp.int32))
+
+
+def positions_from_mask(mask: Array) -> Array:
+    """Returns `[batch, seq]` int32 positions counting only real tokens (left padding gets position 0)."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _dense_init(names):
+    return nn.with_logical_partitioning(nn.initializers.normal(0.02), names)
+
+
+def _zeros_init(names):
+    return nn.with_logical_partitioning(nn.initializers.zeros, names)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, scaled by a learned weight (HF Llama semantics)."""
+
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Returns x `[batch, seq, heads, head_dim]` rotated in HF's half-split layout; cos/sin `[batch, seq, head_dim]`."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+def rope_tables(config: DecoderConfig, positions: Array) -> tuple[Array, Array]:
+    """Returns float32 cos, sin `[batch, seq, head_dim]` for int positions `[batch, seq]`."""
+    inv_freq = jnp.asarray(config.rope_inv_freq(), jnp.float32)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention; writes this layer's keys/values into the stacked cache when given."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, layer, kv):
+        c = self.config
+        dense = lambda feats, names, bias, name: nn.DenseGeneral(  # noqa: E731
+            feats, use_bias=bias, dtype=c.compute_dtype, param_dtype=c.weight_dtype, name=name,
+            kernel_init=_dense_init(("embed",) + names), bias_init=_zeros_init(names))
+        q = dense((c.num_heads, c.head_dim), ("heads", "head_dim"), c.qkv_bias, "q")(x)
+        k = dense((c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), c.qkv_bias, "k")(x)
+        v = dense((c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), c.qkv_bias, "v")(x)
+        if c.qk_norm:
+            norm = lambda name: RMSNorm(c.rms_norm_eps, c.compute_dtype, c.weight_dtype, name=name)  # noqa: E731
+            q, k = norm("q_norm")(q), norm("k_norm")(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if kv is not None:  # write at slot `index`, then attend over the whole cache of this layer
+            k_all, v_all, index = kv
+            start = (layer, 0, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(c.compute_dtype)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(c.compute_dtype)
+            kv = (k_all, v_all, index)
+
+        b, t = q.shape[:2]
+        groups = c.num_heads // c.num_kv_heads
+        q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (c.head_dim ** -0.5)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+        out = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), use_bias=c.o_bias, dtype=c.compute_dtype,
+                              param_dtype=c.weight_dtype, name="o",
+                              kernel_init=_dense_init(("heads", "head_dim", "embed")),
+                              bias_init=_zeros_init(("embed",)))(out)
+        return out, kv
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dense = lambda feats, names, name: nn.Dense(  # noqa: E731
+            feats, use_bias=c.mlp_bias, dtype=c.compute_dtype, param_dtype=c.weight_dtype, name=name,
+            kernel_init=_dense_init(names), bias_init=_zeros_init(names[-1:]))
+        h = nn.silu(dense(c.intermediate_size, ("embed", "mlp"), "gate")(x))
+        h = h * dense(c.intermediate_size, ("embed", "mlp"), "up")(x)
+        return dense(c.hidden_size, ("mlp", "embed"), "down")(h)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). Scanned: carry = (hidden, cache k/v)."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, carry, layer, cos, sin, mask, index):
+        c = self.config
+        x, k_all, v_all = carry
+        norm = lambda name: RMSNorm(c.rms_norm_eps, c.compute_dtype, c.weight_dtype, name=name)  # noqa: E731
+        kv = None if k_all is None else (k_all, v_all, index)
+        h, kv = Attention(c, name="attn")(norm("input_norm")(x), cos, sin, mask, layer, kv)
+        x = x + h
+        x = x + MLP(c, name="mlp")(norm("post_attn_norm")(x))
+        k_all, v_all = (None, None) if kv is None else kv[:2]
+        return (x, k_all, v_all), None
+
+
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
+
+
+class Decoder(nn.Module):
+    """Token ids `[batch, seq]` -> DecoderOutput (logits `[batch, seq, vocab]`, final hidden, updated cache)."""
+
+    config: DecoderConfig
+
+    def setup(self):
+        c = self.config
+        self.embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+                              embedding_init=_dense_init(("vocab", "embed")))
+        layer = DecoderLayer
+        if c.remat != "none":
+            layer = nn.remat(layer, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
+        self.layers = nn.scan(
+            layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_layers,
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c)
+        self.final_norm = RMSNorm(c.rms_norm_eps, c.compute_dtype, c.weight_dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=c.compute_dtype,
+                                    param_dtype=c.weight_dtype, kernel_init=_dense_init(("embed", "vocab")))
+
+    def unembed(self, hidden: Array) -> Array:
+        """Returns logits `[..., vocab]` for final hidden states `[..., embed]`."""
+        if self.config.tie_word_embeddings:
+            return self.embed.attend(hidden)
+        return self.lm_head(hidden)
+
+    def __call__(self, tokens: Array, positions: Optional[Array] = None, mask: Optional[Array] = None,
+                 cache: Optional[KVCache] = None, compute_logits: bool = True) -> DecoderOutput:
+        """tokens/positions/mask `[batch, seq]`; mask marks real tokens (default all). With a cache the
+        tokens occupy slots `cache.index ... cache.index + seq` and attend to every earlier valid slot."""
+        c = self.config
+        b, t = tokens.shape
+        mask = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
+        if positions is None:
+            positions = positions_from_mask(mask)
+            if cache is not None:
+                positions = positions + cache.next_positions()[:, None]
+        chex.assert_shape([positions, mask], (b, t))
+        if cache is None:
+            key_valid, query_slots, index = mask, jnp.arange(t), jnp.zeros((), jnp.int32)
+        else:
+            index = cache.index
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
+            query_slots = index + jnp.arange(t)
+        key_slots = jnp.arange(key_valid.shape[1])
+        # [batch, query, key]: causal by slot (slots are time-ordered) and only real keys.
+        attn_mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :]
+
+        cos, sin = rope_tables(c, positions)
+        x = self.embed(tokens)
+        carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
+        (x, k_all, v_all), _ = self.layers(carry, jnp.arange(c.num_layers), cos, sin, attn_mask, index)
+        hidden = self.final_norm(x)
+        logits = self.unembed(hidden) if compute_logits else None
+        new_cache = None if cache is None else KVCache(k_all, v_all, key_valid, index + t)
+        return DecoderOutput(logits, hidden, new_cache)
