@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rporec_jax import sharding as shd
+from rporec_jax.cache import cache_dir, file_fingerprint
 from rporec_jax.models.decoder import Decoder, DecoderOutput, KVCache, init_cache
 from rporec_jax.models.decoder_config import DecoderConfig
 from rporec_jax.models.safetensors_io import write_sharded
@@ -86,14 +87,44 @@ def init_params(config: DecoderConfig, key: jax.Array, mesh: Optional[Mesh] = No
     return init(key)
 
 
-def _open_checkpoint(path: Path):
-    """Returns (hf_config, lazy source mapping) for an HF model dir or a .gguf file."""
+def gguf_to_hf_dir(path: str | os.PathLike) -> Path:
+    """Returns an HF model directory (float32 safetensors, config, tokenizer) converted from a GGUF file.
+
+    Parsing and dequantising a GGUF takes ~30 s for SmolLM2-135M, so the result is cached under
+    `$RPOREC_CACHE_DIR/gguf/<fingerprint>` and later loads read plain safetensors in about a second.
+    """
     from transformers import AutoConfig
 
+    path = Path(path)
+    out = cache_dir("gguf") / f"{path.stem}-{file_fingerprint(path, 'gguf-v1')}"
+    if (out / "config.json").exists():
+        return out
+    hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    source = GGUFFile(path, hf_config.num_attention_heads, hf_config.num_key_value_heads)
+    tmp = out.with_name(out.name + f".partial{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    hf_config.save_pretrained(str(tmp))
+    write_sharded(tmp, {name: source[name] for name in source})
+    load_tokenizer(path).save_pretrained(str(tmp))
+    if out.exists():  # another process finished first
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def _resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """Returns the HF model directory to read for an HF dir or a .gguf file (converted once, cached)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
     if path.is_dir():
-        return AutoConfig.from_pretrained(str(path)), SafetensorsDir
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: no config.json; expected an HF model directory")
+        return path
     if path.suffix == ".gguf":
-        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name), GGUFFile
+        return gguf_to_hf_dir(path)
     raise ValueError(f"{path}: expected an HF model directory (config.json + *.safetensors) or a .gguf file")
 
 
@@ -101,12 +132,12 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", param_dtype: Opt
                mesh: Optional[Mesh] = None, strategy="dp", tokenizer: bool = True, **config_overrides) -> Model:
     """Returns a Model read from an HF safetensors directory or a GGUF file, each tensor placed directly
     on its sharding (default mesh: all devices on the data axis; default strategy: replicated params)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
-    hf_config, reader = _open_checkpoint(path)
+    from transformers import AutoConfig
+
+    path = _resolve_checkpoint(path)
+    hf_config = AutoConfig.from_pretrained(str(path))
     config = DecoderConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
-    source = reader(path) if reader is SafetensorsDir else reader(path, config.num_heads, config.num_kv_heads)
+    source = SafetensorsDir(path)
     mesh = mesh or shd.make_mesh()
     abstract = abstract_params(config)
     shapes = nn.unbox(abstract)

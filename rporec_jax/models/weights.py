@@ -60,6 +60,9 @@ class SafetensorsDir(Mapping[str, np.ndarray]):
         arr = np.memmap(file, dtype=dtype, mode="r", offset=base + begin, shape=(count,))
         return arr.reshape(info["shape"])
 
+    def __contains__(self, key) -> bool:
+        return key in self._where
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
@@ -117,6 +120,9 @@ class GGUFFile(Mapping[str, np.ndarray]):
             n = self._heads[proj.group(1)]
             w = w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
         return w
+
+    def __contains__(self, key) -> bool:  # Mapping's default would dequantise the tensor to answer
+        return key in self._tensors
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
