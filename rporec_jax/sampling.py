@@ -187,7 +187,7 @@ class Sampler:
         cfg, mesh = self.config, self.mesh
         rules = shd.logical_rules(self.model.strategy)
         kv_axis = dict(rules).get("kv_heads")
-        cache_sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES, None, kv_axis, None))
+        cache_sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES, kv_axis, None, None))
         batch = shd.batch_sharding(mesh)
         module, pad_id = self.model.module, self.pad_id
         stop_ids = jnp.asarray(self.stop_ids, jnp.int32)

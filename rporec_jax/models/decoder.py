@@ -22,7 +22,8 @@ _NEG_INF = -1e30  # finite, so a fully masked (padding) query row softmaxes to u
 class KVCache(NamedTuple):
     """Keys/values of every layer for a left-padded batch; slot j of every row holds the same time step.
 
-    k, v:   [layers, batch, max_len, kv_heads, head_dim]
+    k, v:   [layers, batch, kv_heads, max_len, head_dim] (slots next to head_dim: attention reads them
+            as plain batched matmuls, with no per-layer relayout of the cache)
     valid:  [batch, max_len] bool, True where the slot holds a real (non-padding) token
     index:  [] int32, the next slot to write
     """
@@ -35,7 +36,7 @@ class KVCache(NamedTuple):
     @property
     def max_len(self) -> int:
         """Returns the number of slots."""
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     def next_positions(self) -> Array:
         """Returns `[batch]` RoPE positions for the next token of each row (its count of real tokens)."""
@@ -52,8 +53,8 @@ class DecoderOutput(NamedTuple):
 
 
 def init_cache(config: DecoderConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    """Returns an empty KVCache sized `[layers, batch, max_len, kv_heads, head_dim]`."""
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    """Returns an empty KVCache sized `[layers, batch, kv_heads, max_len, head_dim]`."""
+    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
     dtype = dtype or config.compute_dtype
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
                    jnp.zeros((), jnp.int32))
@@ -104,13 +105,39 @@ def rope_tables(config: DecoderConfig, positions: Array) -> tuple[Array, Array]:
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def attend(q, k, v, mask, past=None):
+    """Returns attention output `[batch, seq, heads, head_dim]` for grouped queries.
+
+    q [batch, seq, heads, head_dim]; k, v [batch, seq, kv_heads, head_dim] are this call's keys/values with
+    mask [batch, seq, seq]; `past` = (k, v [batch, kv_heads, slots, head_dim], mask [batch, 1, slots]) are
+    cached ones. Scores against both are softmaxed together, so the cache is read but never copied.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d) * (d ** -0.5)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+    if past is not None:
+        k_past, v_past, mask_past = past
+        past_scores = jnp.einsum("btkgd,bksd->bkgts", q, k_past.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = jnp.concatenate([jnp.where(mask_past[:, None, None], past_scores, _NEG_INF), scores], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    if past is None:
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    else:
+        slots = past[0].shape[2]
+        out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :slots], v_past.astype(q.dtype))
+               + jnp.einsum("bkgts,bskd->btkgd", probs[..., slots:], v))
+    return out.reshape(b, t, h, d)
+
+
 class Attention(nn.Module):
-    """Grouped-query self-attention; writes this layer's keys/values into the stacked cache when given."""
+    """Grouped-query self-attention; returns its output and this call's (k, v) for the cache."""
 
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, layer, kv):
+    def __call__(self, x, cos, sin, mask, past):
         c = self.config
         dense = lambda feats, names, bias, name: nn.DenseGeneral(  # noqa: E731
             feats, use_bias=bias, dtype=c.compute_dtype, param_dtype=c.weight_dtype, name=name,
@@ -122,29 +149,12 @@ class Attention(nn.Module):
             norm = lambda name: RMSNorm(c.rms_norm_eps, c.compute_dtype, c.weight_dtype, name=name)  # noqa: E731
             q, k = norm("q_norm")(q), norm("k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        if kv is not None:  # write at slot `index`, then attend over the whole cache of this layer
-            k_all, v_all, index = kv
-            start = (layer, 0, index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-            k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(c.compute_dtype)
-            v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(c.compute_dtype)
-            kv = (k_all, v_all, index)
-
-        b, t = q.shape[:2]
-        groups = c.num_heads // c.num_kv_heads
-        q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (c.head_dim ** -0.5)
-        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+        out = attend(q, k, v, mask, past)
         out = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), use_bias=c.o_bias, dtype=c.compute_dtype,
                               param_dtype=c.weight_dtype, name="o",
                               kernel_init=_dense_init(("heads", "head_dim", "embed")),
                               bias_init=_zeros_init(("embed",)))(out)
-        return out, kv
+        return out, (k, v)
 
 
 class MLP(nn.Module):
@@ -164,21 +174,20 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). Scanned: carry = (hidden, cache k/v)."""
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). Scanned over layers: carry = hidden,
+    scanned input = this layer's cached (k, v) or None, scanned output = this call's new (k, v)."""
 
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, carry, layer, cos, sin, mask, index):
+    def __call__(self, x, past_kv, cos, sin, mask, past_mask):
         c = self.config
-        x, k_all, v_all = carry
         norm = lambda name: RMSNorm(c.rms_norm_eps, c.compute_dtype, c.weight_dtype, name=name)  # noqa: E731
-        kv = None if k_all is None else (k_all, v_all, index)
-        h, kv = Attention(c, name="attn")(norm("input_norm")(x), cos, sin, mask, layer, kv)
+        past = None if past_kv is None else (*past_kv, past_mask)
+        h, new_kv = Attention(c, name="attn")(norm("input_norm")(x), cos, sin, mask, past)
         x = x + h
         x = x + MLP(c, name="mlp")(norm("post_attn_norm")(x))
-        k_all, v_all = (None, None) if kv is None else kv[:2]
-        return (x, k_all, v_all), None
+        return x, new_kv
 
 
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
@@ -198,7 +207,7 @@ class Decoder(nn.Module):
             layer = nn.remat(layer, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
         self.layers = nn.scan(
             layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_layers,
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),  # past_kv scanned per layer
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c)
         self.final_norm = RMSNorm(c.rms_norm_eps, c.compute_dtype, c.weight_dtype)
@@ -215,7 +224,8 @@ class Decoder(nn.Module):
     def __call__(self, tokens: Array, positions: Optional[Array] = None, mask: Optional[Array] = None,
                  cache: Optional[KVCache] = None, compute_logits: bool = True) -> DecoderOutput:
         """tokens/positions/mask `[batch, seq]`; mask marks real tokens (default all). With a cache the
-        tokens occupy slots `cache.index ... cache.index + seq` and attend to every earlier valid slot."""
+        tokens occupy slots `cache.index ... cache.index + seq` and attend to every earlier valid slot.
+        Without a cache the returned new keys/values are discarded (XLA removes them)."""
         c = self.config
         b, t = tokens.shape
         mask = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
@@ -224,21 +234,23 @@ class Decoder(nn.Module):
             if cache is not None:
                 positions = positions + cache.next_positions()[:, None]
         chex.assert_shape([positions, mask], (b, t))
-        if cache is None:
-            key_valid, query_slots, index = mask, jnp.arange(t), jnp.zeros((), jnp.int32)
-        else:
-            index = cache.index
-            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
-            query_slots = index + jnp.arange(t)
-        key_slots = jnp.arange(key_valid.shape[1])
-        # [batch, query, key]: causal by slot (slots are time-ordered) and only real keys.
-        attn_mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :]
+        # [batch, query, key] among this call's tokens: causal and only real keys. Cached slots all precede
+        # them, so each query may see every valid cached slot.
+        mask_new = jnp.tril(jnp.ones((t, t), bool))[None] & mask[:, None, :]
+        past_kv = None if cache is None else (cache.k, cache.v)
+        past_mask = None if cache is None else cache.valid[:, None, :]
 
         cos, sin = rope_tables(c, positions)
         x = self.embed(tokens)
-        carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
-        (x, k_all, v_all), _ = self.layers(carry, jnp.arange(c.num_layers), cos, sin, attn_mask, index)
+        x, (k_new, v_new) = self.layers(x, past_kv, cos, sin, mask_new, past_mask)
         hidden = self.final_norm(x)
         logits = self.unembed(hidden) if compute_logits else None
-        new_cache = None if cache is None else KVCache(k_all, v_all, key_valid, index + t)
+        new_cache = None
+        if cache is not None:  # one in-place write of every layer's new keys/values at slot `index`
+            at = (0, 0, 0, cache.index, 0)
+            to_cache = lambda x: x.swapaxes(2, 3).astype(cache.k.dtype)  # noqa: E731  [L, B, K, T, D]
+            new_cache = KVCache(jax.lax.dynamic_update_slice(cache.k, to_cache(k_new), at),
+                                jax.lax.dynamic_update_slice(cache.v, to_cache(v_new), at),
+                                jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index)),
+                                cache.index + t)
         return DecoderOutput(logits, hidden, new_cache)
