@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rporec_jax import sharding as shd
-from rporec_jax.models.decoder import Decoder, init_cache
+from rporec_jax.models.decoder import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +117,9 @@ def generate_tokens(module: Decoder, params: Any, prompt: jax.Array, prompt_mask
         return cache._replace(k=jax.lax.with_sharding_constraint(cache.k, cache_sharding),
                               v=jax.lax.with_sharding_constraint(cache.v, cache_sharding))
 
-    cache = constrain(init_cache(c, b, plen + n, dtype))
-    out = module.apply({"params": params}, prompt, None, prompt_mask, cache, False)
+    out = module.apply({"params": params}, prompt, None, prompt_mask, None, False, plen + n)
     logits = module.apply({"params": params}, out.hidden[:, -1], method=Decoder.unembed)
-    cache = out.cache
+    cache = constrain(out.cache._replace(k=out.cache.k.astype(dtype), v=out.cache.v.astype(dtype)))
     if g > 1:  # the prompt is encoded once; its cache is repeated for the G samples
         rep = lambda x, axis: jnp.repeat(x, g, axis=axis)  # noqa: E731
         cache = constrain(cache._replace(k=rep(cache.k, 1), v=rep(cache.v, 1), valid=rep(cache.valid, 0)))

@@ -47,7 +47,7 @@ def test_prefill_then_decode_matches_full_forward(model):
     full_mask = np.concatenate([mask, np.ones_like(new, bool)], 1)
     full = np.asarray(model.apply(model.params, full_tokens, mask=full_mask))
 
-    forward = jax.jit(model.forward)
+    forward = jax.jit(model.forward, static_argnames=("cache_len",))
     cache = model.init_cache(3, 6 + steps + 2)  # spare slots stay invalid and must be ignored
     out = forward(model.params, prompt, mask=mask, cache=cache)
     # padding slots' logits are meaningless; compare the real tokens only
@@ -58,6 +58,14 @@ def test_prefill_then_decode_matches_full_forward(model):
         cache = out.cache
         np.testing.assert_allclose(np.asarray(out.logits[:, 0]), full[:, 6 + s], atol=1e-5, rtol=1e-5)
     assert int(cache.index) == 6 + steps
+
+    fresh = forward(model.params, prompt, mask=mask, cache_len=6 + steps + 2).cache  # prefill into a new cache
+    prefilled = forward(model.params, prompt, mask=mask, cache=model.init_cache(3, 6 + steps + 2)).cache
+    np.testing.assert_array_equal(np.asarray(fresh.valid), np.asarray(prefilled.valid))
+    assert int(fresh.index) == int(prefilled.index) == 6
+    valid = np.asarray(fresh.valid)[None, :, None, :, None]  # padding slots hold junk either way
+    for a, b in [(fresh.k, prefilled.k), (fresh.v, prefilled.v)]:
+        np.testing.assert_allclose(np.where(valid, a, 0), np.where(valid, b, 0), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(cache.next_positions()), [len(r) + steps for r in rows])
 
 

@@ -222,10 +222,12 @@ class Decoder(nn.Module):
         return self.lm_head(hidden)
 
     def __call__(self, tokens: Array, positions: Optional[Array] = None, mask: Optional[Array] = None,
-                 cache: Optional[KVCache] = None, compute_logits: bool = True) -> DecoderOutput:
+                 cache: Optional[KVCache] = None, compute_logits: bool = True,
+                 cache_len: Optional[int] = None) -> DecoderOutput:
         """tokens/positions/mask `[batch, seq]`; mask marks real tokens (default all). With a cache the
         tokens occupy slots `cache.index ... cache.index + seq` and attend to every earlier valid slot.
-        Without a cache the returned new keys/values are discarded (XLA removes them)."""
+        Without a cache, `cache_len` (static) returns a new cache of that many slots holding these tokens
+        (a prefill that skips attending to empty slots); otherwise the new keys/values are discarded."""
         c = self.config
         b, t = tokens.shape
         mask = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
@@ -246,6 +248,13 @@ class Decoder(nn.Module):
         hidden = self.final_norm(x)
         logits = self.unembed(hidden) if compute_logits else None
         new_cache = None
+        if cache is None and cache_len is not None:
+            if cache_len < t:
+                raise ValueError(f"cache_len={cache_len} is shorter than the {t} tokens to prefill")
+            pad = [(0, 0)] * 3 + [(0, cache_len - t), (0, 0)]
+            to_cache = lambda x: jnp.pad(x.swapaxes(2, 3), pad)  # noqa: E731  [L, B, K, slots, D]
+            new_cache = KVCache(to_cache(k_new), to_cache(v_new), jnp.pad(mask, [(0, 0), (0, cache_len - t)]),
+                                jnp.asarray(t, jnp.int32))
         if cache is not None:  # one in-place write of every layer's new keys/values at slot `index`
             at = (0, 0, 0, cache.index, 0)
             to_cache = lambda x: x.swapaxes(2, 3).astype(cache.k.dtype)  # noqa: E731  [L, B, K, T, D]

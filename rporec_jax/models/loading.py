@@ -50,9 +50,10 @@ class Model:
         return self.forward(params, tokens, positions, mask).logits
 
     def forward(self, params, tokens, positions=None, mask=None, cache: Optional[KVCache] = None,
-                compute_logits: bool = True) -> DecoderOutput:
-        """Returns DecoderOutput(logits, final hidden `[batch, seq, embed]`, updated cache)."""
-        return self.module.apply({"params": params}, tokens, positions, mask, cache, compute_logits)
+                compute_logits: bool = True, cache_len: Optional[int] = None) -> DecoderOutput:
+        """Returns DecoderOutput(logits, final hidden `[batch, seq, embed]`, updated cache); `cache_len`
+        without `cache` prefills a new cache of that many slots."""
+        return self.module.apply({"params": params}, tokens, positions, mask, cache, compute_logits, cache_len)
 
     def unembed(self, params, hidden) -> jax.Array:
         """Returns logits `[..., vocab]` for final hidden states `[..., embed]` (for chunked log-probs)."""

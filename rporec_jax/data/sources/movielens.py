@@ -1,0 +1,119 @@
+"""MovieLens 100K (`u.data`, `u.item`) and 1M (`ratings.dat`, `movies.dat`) in GroupLens formats."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zipfile
+from pathlib import Path
+
+from rporec_jax.data.interactions import Interactions, build_interactions
+from rporec_jax.data.items import item_msg
+from rporec_jax.data.rows import RowReport
+from rporec_jax.data.sources._io import download, iter_lines
+
+# Published by GroupLens next to each zip (`<name>.zip.md5`).
+ARCHIVES = {
+    "100k": ("https://files.grouplens.org/datasets/movielens/ml-100k.zip", "0e33842e24a9c977be4e0107933c0723"),
+    "1m": ("https://files.grouplens.org/datasets/movielens/ml-1m.zip", "c4d9eecfca2ab87c1945afe126590906"),
+}
+GENRES_100K = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+               "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+               "War", "Western")
+_TITLE_YEAR = re.compile(r"^(.*?)\s*\((\d{4})\)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class MovieLensConfig:
+    """A GroupLens MovieLens directory (`root` holds u.data/u.item or ratings.dat/movies.dat)."""
+
+    root: str = ""
+    variant: str = "100k"
+    download: bool = True
+    encoding: str = "latin-1"
+    skip_bad_rows: bool = False
+
+    def __post_init__(self):
+        if self.variant not in ARCHIVES:
+            raise ValueError(f"MovieLens variant must be one of {sorted(ARCHIVES)}, got {self.variant!r}")
+
+    @property
+    def name(self) -> str:
+        """Returns the dataset name used for prompt templates and directory names."""
+        return f"movielens-{self.variant}"
+
+    def files(self) -> list[Path]:
+        """Returns [ratings file, movies file], downloading and unpacking the GroupLens zip if both are absent."""
+        root = Path(self.root)
+        names = ("u.data", "u.item") if self.variant == "100k" else ("ratings.dat", "movies.dat")
+        paths = [root / n for n in names]
+        if not all(p.exists() for p in paths):
+            if not self.download:
+                raise FileNotFoundError(f"{root}: expected {list(names)} (download disabled)")
+            url, md5 = ARCHIVES[self.variant]
+            archive = download(url, root / Path(url).name, md5)
+            with zipfile.ZipFile(archive) as z:
+                for member in z.namelist():
+                    if Path(member).name in names:
+                        (root / Path(member).name).write_bytes(z.read(member))
+        return paths
+
+    def load(self) -> Interactions:
+        """Returns the interactions ordered by rating timestamp (seconds)."""
+        return load_movielens(self)
+
+
+def _split_title(title: str) -> tuple[str, str]:
+    m = _TITLE_YEAR.match(title)
+    return (m.group(1), m.group(2)) if m else (title.strip(), "unknown")
+
+
+def load_movielens(cfg: MovieLensConfig) -> Interactions:
+    """Returns interactions and item texts (title, year, genres) of a MovieLens directory."""
+    report = RowReport(skip_bad_rows=cfg.skip_bad_rows)
+    ratings_path, movies_path = cfg.files()
+    v100k = cfg.variant == "100k"
+    texts: dict[int, str] = {}
+    for lineno, line in iter_lines(movies_path, report, cfg.encoding):
+        f = line.split("|") if v100k else line.split("::")
+        want = 5 + len(GENRES_100K) if v100k else 3
+        if len(f) != want:
+            report.bad(movies_path, lineno, None, f"has {len(f)} fields, expected {want}")
+            continue
+        try:
+            mid = int(f[0])
+        except ValueError:
+            report.bad(movies_path, lineno, "movie_id", f"expected an integer, got {f[0]!r}")
+            continue
+        if v100k:
+            flags = f[5:]
+            if any(x not in ("0", "1") for x in flags):
+                report.bad(movies_path, lineno, "genres", "expected 19 flags of 0/1")
+                continue
+            genres = [g for g, x in zip(GENRES_100K, flags) if x == "1"]
+        else:
+            genres = [g for g in f[2].split("|") if g]
+        title, year = _split_title(f[1])
+        texts[mid] = item_msg([("title", title), ("year", year), ("genres", genres)])
+    events = []
+    sep = "\t" if v100k else "::"
+    for lineno, line in iter_lines(ratings_path, report, cfg.encoding):
+        f = line.split(sep)
+        if len(f) != 4:
+            report.bad(ratings_path, lineno, None, f"has {len(f)} fields, expected 4 (user, item, rating, timestamp)")
+            continue
+        names = ("user_id", "item_id", "rating", "timestamp")
+        try:
+            vals = []
+            for name, x in zip(names, f):
+                bad = name
+                vals.append(float(x) if name == "rating" else int(x))
+        except ValueError:
+            report.bad(ratings_path, lineno, bad, f"expected a number, got {f[names.index(bad)]!r}")
+            continue
+        user, item, _, ts = vals
+        if item not in texts:
+            report.bad(ratings_path, lineno, "item_id", f"item {item} is not in {movies_path.name}")
+            continue
+        events.append((user, item, ts))
+    return build_interactions(cfg.name, events, texts, report)

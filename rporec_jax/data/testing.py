@@ -1,0 +1,29 @@
+"""A tiny word-level chat tokenizer for fast tests and smoke runs (no model download, builds in milliseconds)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+
+
+def tiny_chat_tokenizer(texts: Iterable[str] = ()):
+    """Returns a `transformers.PreTrainedTokenizerFast` (word/punctuation tokens from `texts`, im_start chat template)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Whitespace()
+    # The chat template's role names and tag text are always in the vocabulary.
+    texts = [*texts, "system user assistant <think></think> <answer></answer>"]
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)} - set(SPECIAL))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + words)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
+                                  additional_special_tokens=SPECIAL[2:])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
