@@ -66,7 +66,8 @@ def test_prompt_only_head_learns_and_items_stay_frozen(strategy, mesh_cfg):
         assert state.params["items"].sharding.spec[0] == "fsdp"
     state, hist = fit_stage1(state, head, ex, Stage1Config(batch_size=64, epochs=8), mesh)
     assert hist[-1]["loss"] < 0.5 * hist[0]["loss"]
-    np.testing.assert_array_equal(np.asarray(state.params["items"]), items)
+    np.testing.assert_array_equal(np.asarray(state.params["items"])[:21], items)
+    assert state.params["items"].shape[0] % (4 if mesh_cfg else 1) == 0
     u = user_vectors(head, state.params, {k: v[:256] for k, v in ex.items()})
     scores = np.asarray(u) @ items.T
     scores[:, 0] = -np.inf

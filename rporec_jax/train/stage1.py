@@ -27,17 +27,22 @@ log = logging.getLogger(__name__)
 
 def stage1_state(head: RecheadConfig, head_params: dict, item_matrix, optim: OptimConfig, key: jax.Array,
                  mesh: Optional[Mesh] = None, strategy="dp") -> TrainState:
-    """Returns a TrainState holding the Rechead (trainable) and the item matrix (frozen), placed on `mesh`:
-    the item matrix shards over items under fsdp strategies; the Rechead follows `strategy`'s rules."""
+    """Returns a TrainState holding the Rechead (trainable) and the item matrix `[items + 1, dim]` (frozen,
+    zero-padded to a shardable row count), placed on `mesh`: the item matrix shards over items under fsdp
+    strategies; the Rechead follows `strategy`'s rules."""
     mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
     shardings = shd.tree_shardings(head_params, mesh, strategy)
     head_params = jax.device_put(nn.unbox(head_params), shardings)
     rules = shd.logical_rules(strategy)
     items = np.asarray(item_matrix, np.float32)
+    # Zero rows pad the matrix to a multiple of the mesh axes holding 'items' (ids past the catalogue are
+    # never targets, negatives or ranked: evaluation slices the real [items + 1] rows).
+    multiple = int(np.prod([mesh.shape[a] for a in np.atleast_1d(dict(rules).get("items") or [])], dtype=int))
+    items = np.pad(items, [(0, -len(items) % multiple), (0, 0)])
     items = jax.device_put(items, shd.logical_to_sharding(jax.sharding.PartitionSpec("items", None), items.shape,
                                                           mesh, rules, "item_matrix"))
     return compose(add_params("rechead", head_params), add_params("items", items), set_trainable("rechead"),
-                   attach_optimizer(optim.make()))(TrainState.create({}, key))
+                   attach_optimizer(optim.make()))(TrainState.create({}, key, mesh))
 
 
 def user_vectors(head: RecheadConfig, params: dict, batch: dict, deterministic: bool = True, key=None):

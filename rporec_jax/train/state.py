@@ -30,9 +30,13 @@ class TrainState:
     tx: Optional[optax.GradientTransformation] = struct.field(pytree_node=False, default=None)
 
     @classmethod
-    def create(cls, params: dict, key: jax.Array) -> "TrainState":
-        """Returns a state with nothing trainable and no optimizer."""
-        return cls(jnp.zeros((), jnp.int32), dict(params), None, key)
+    def create(cls, params: dict, key: jax.Array, mesh=None) -> "TrainState":
+        """Returns a state with nothing trainable and no optimizer (step and key replicated on `mesh`)."""
+        step = jnp.zeros((), jnp.int32)
+        if mesh is not None:
+            rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            step, key = jax.device_put(step, rep), jax.device_put(key, rep)
+        return cls(step, dict(params), None, key)
 
     def split_params(self) -> tuple[dict, dict]:
         """Returns (trainable subtrees, frozen subtrees)."""
@@ -81,7 +85,16 @@ def attach_optimizer(tx: optax.GradientTransformation) -> Transform:
         if not state.trainable:
             raise ValueError("attach_optimizer: nothing is trainable; apply set_trainable(...) first")
         train, _ = state.split_params()
-        return state.replace(tx=tx, opt_state=tx.init(train))
+        # jitted so the moments are created with the parameters' shardings, not on one device
+        opt_state = jax.jit(tx.init)(train)
+        meshes = {x.sharding.mesh for x in jax.tree_util.tree_leaves(train)
+                  if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)}
+        if len(meshes) == 1:  # scalars such as Adam's count come out on one device: replicate them
+            rep = jax.sharding.NamedSharding(meshes.pop(), jax.sharding.PartitionSpec())
+            opt_state = jax.tree_util.tree_map(
+                lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.device_put(x, rep),
+                opt_state)
+        return state.replace(tx=tx, opt_state=opt_state)
     return run
 
 
