@@ -141,3 +141,61 @@ def fit_stage1(state: TrainState, head: RecheadConfig, examples: dict, cfg: Stag
             log.info("stage 1 epoch %d: %s", epoch + 1, row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
     return state, history
+
+
+_HEAD_INPUTS = ("prompt_ids", "prompt_mask", "cot_ids", "cot_mask", "answer_ids", "answer_mask", "format", "hidden")
+
+
+def evaluate_rechead(state: TrainState, head: RecheadConfig, examples: dict, num_items: int,
+                     mesh: Optional[Mesh] = None, strategy="dp", eval_config=None, batch_size: int = 256) -> dict:
+    """Returns full-ranking metrics ({'ndcg@K', 'hr@K', 'count'}) of the Rechead in `state` on `examples`."""
+    from rporec_jax.eval import EvalConfig, evaluate
+
+    mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
+    eval_config = eval_config or EvalConfig()
+    users = jax.jit(lambda p, b: user_vectors(head, p, b))
+    items = jax.jit(lambda p: item_vectors(head, p["rechead"], p["items"]))(state.params)
+    multiple = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
+
+    def fn(batch):
+        return users(state.params, {k: v for k, v in batch.items() if k in _HEAD_INPUTS})
+
+    batches = iterate_batches(examples, batch_size, np.random.default_rng(0), shuffle=False, multiple=multiple)
+    return evaluate(fn, batches, eval_config, item_matrix=items, num_items=num_items, mesh=mesh, strategy=strategy)
+
+
+def run_stage1(ds, encoder, head: RecheadConfig, cfg: Stage1Config, cot: Optional[dict] = None,
+               mesh: Optional[Mesh] = None, strategy="dp", eval_splits=("valid", "test"), limit=None,
+               eval_config=None):
+    """Returns (state, report) after training a Rechead on `ds`'s train split and evaluating it with full
+    ranking on `eval_splits` after every epoch (valid) and at the end (all). Towers start from the static
+    `encoder`'s table; the frozen item matrix is that encoder over every item text (cached)."""
+    from rporec_jax.models.rechead import init_rechead
+    from rporec_jax.train.features import item_matrix, rechead_examples
+
+    mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
+    use_cot = cot if head.variant == "text_fusion" else None
+    examples = {s: rechead_examples(ds, s, encoder, use_cot, limit=limit) for s in ("train", *eval_splits)}
+    items = item_matrix(encoder, ds.item_texts)
+    # A static encoder seeds the trainable towers with its own table (the reference's setup); a BERT encoder
+    # only provides the frozen item matrix and the towers start random.
+    table = np.asarray(jax.device_get(encoder.params["embedding"])) if encoder.kind == "static" else None
+    if (head.vocab_size, head.dim) != (encoder.config.vocab_size, encoder.dim) and head.variant != "hidden_state":
+        raise ValueError(f"RecheadConfig(vocab_size={head.vocab_size}, dim={head.dim}) must match the text "
+                         f"encoder's (vocab_size={encoder.config.vocab_size}, dim={encoder.dim})")
+    params = init_rechead(head, jax.random.key(cfg.seed), {k: v[:2] for k, v in examples["train"].items()},
+                          tower_init=table)
+    state = stage1_state(head, params, items, cfg.optim, jax.random.key(cfg.seed + 1), mesh, strategy)
+    num_items = ds.num_items
+
+    def on_epoch(epoch, st):
+        if "valid" not in examples:
+            return {}
+        m = evaluate_rechead(st, head, examples["valid"], num_items, mesh, strategy, eval_config)
+        return {f"valid_{k}": v for k, v in m.items()}
+
+    state, history = fit_stage1(state, head, examples["train"], cfg, mesh, on_epoch)
+    report = {"history": history}
+    for s in eval_splits:
+        report[s] = evaluate_rechead(state, head, examples[s], num_items, mesh, strategy, eval_config)
+    return state, report
