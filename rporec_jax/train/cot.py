@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from rporec_jax import sharding as shd
 from rporec_jax.data.parser import parse_output
@@ -151,9 +152,15 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
         bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size])
     else:
         bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    bits = bits.reshape(-1).astype(jnp.uint32)
-    # Position weights make the checksum sensitive to permutations, not just to the multiset of values.
-    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+    bits = bits.astype(jnp.uint32)
+    # Position weights make the checksum sensitive to permutations, not just to the multiset of values. The flat
+    # index is built from per-axis iotas rather than by flattening, which would regather a sharded leaf.
+    flat = jnp.zeros(bits.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(bits.ndim)):
+        flat = flat + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= bits.shape[axis]
+    weights = flat * jnp.uint32(2654435761) + jnp.uint32(1)
     return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
 
 
@@ -309,6 +316,9 @@ def generate_cot(teacher, dataset: PreparedDataset, out_dir: str | os.PathLike, 
         sampler = Sampler(teacher, cfg.sampling())
     elif sampler.config != cfg.sampling():
         raise ValueError(f"sampler config {sampler.config} differs from CoTConfig.sampling() {cfg.sampling()}")
+    elif getattr(sampler, "model", teacher) is not teacher:
+        raise ValueError("the sampler was built for another model than `teacher`; the manifest would fingerprint "
+                         "the wrong model")
     mesh = teacher.mesh or shd.make_mesh(devices=jax.devices()[:1])
     batch_multiple = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
     if cfg.batch_size % batch_multiple:
@@ -330,12 +340,13 @@ def generate_cot(teacher, dataset: PreparedDataset, out_dir: str | os.PathLike, 
         todo = [k for k in range(n_shards) if not shard_path(out_dir, split, k).exists()]
         if writer:
             (out_dir / split).mkdir(parents=True, exist_ok=True)
+            # Leftovers of a run that died while writing; one run writes a directory at a time.
+            for stale in (out_dir / split).glob(".shard-*.jsonl.tmp-*"):
+                stale.unlink()
             _write_json(out_dir / MANIFEST, manifest)
         if not todo or stopped_early:
             continue
         remaining = sum(min(n, (k + 1) * cfg.shard_size) - k * cfg.shard_size for k in todo)
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=remaining, desc=f"CoT {split}", unit="inst", disable=not progress, dynamic_ncols=True)
         valid_seen = seen = 0
         for k in todo:
@@ -352,7 +363,7 @@ def generate_cot(teacher, dataset: PreparedDataset, out_dir: str | os.PathLike, 
                 batch = [prompts[i] for i in idx]
                 # Every call has batch_size rows: one compiled shape, and draws independent of where a shard ends.
                 batch += [batch[-1]] * (cfg.batch_size - len(batch))
-                out = sampler.generate(batch, batch_key(cfg.seed, split, written, b))
+                out = sampler.generate(batch, batch_key(cfg.seed, split, k, b))
                 for j, i in enumerate(idx):
                     for s in range(g):
                         r = j * g + s
