@@ -166,21 +166,32 @@ def evaluate_rechead(state: TrainState, head: RecheadConfig, examples: dict, num
 
 def run_stage1(ds, encoder, head: RecheadConfig, cfg: Stage1Config, cot: Optional[dict] = None,
                mesh: Optional[Mesh] = None, strategy="dp", eval_splits=("valid", "test"), limit=None,
-               eval_config=None):
+               eval_config=None, llm=None):
     """Returns (state, report) after training a Rechead on `ds`'s train split and evaluating it with full
-    ranking on `eval_splits` after every epoch (valid) and at the end (all). Towers start from the static
-    `encoder`'s table; the frozen item matrix is that encoder over every item text (cached)."""
+    ranking on `eval_splits` after every epoch (valid) and at the end (all). Text variants: towers start
+    from the static `encoder`'s table and the frozen item matrix is that encoder over every item text
+    (cached). `hidden_state`: the frozen `llm` reads prompt + completion and every item text."""
     from rporec_jax.models.rechead import init_rechead
     from rporec_jax.train.features import item_matrix, rechead_examples
+    from rporec_jax.train.hidden_features import hidden_examples, item_hidden_matrix
 
     mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
-    use_cot = cot if head.variant == "text_fusion" else None
-    examples = {s: rechead_examples(ds, s, encoder, use_cot, limit=limit) for s in ("train", *eval_splits)}
-    items = item_matrix(encoder, ds.item_texts)
-    # A static encoder seeds the trainable towers with its own table (the reference's setup); a BERT encoder
-    # only provides the frozen item matrix and the towers start random.
-    table = np.asarray(jax.device_get(encoder.params["embedding"])) if encoder.kind == "static" else None
-    if (head.vocab_size, head.dim) != (encoder.config.vocab_size, encoder.dim) and head.variant != "hidden_state":
+    splits = ("train", *eval_splits)
+    table = None
+    if head.variant == "hidden_state":
+        if llm is None:
+            raise ValueError("the hidden_state Rechead needs llm=Model (the frozen backbone)")
+        examples = {s: hidden_examples(ds, s, llm, cot, limit) for s in splits}
+        items = item_hidden_matrix(llm, ds.item_texts)
+    else:
+        use_cot = cot if head.variant == "text_fusion" else None
+        examples = {s: rechead_examples(ds, s, encoder, use_cot, limit=limit) for s in splits}
+        items = item_matrix(encoder, ds.item_texts)
+        # A static encoder seeds the trainable towers with its own table (the reference's setup); a BERT
+        # encoder only provides the frozen item matrix and the towers start random.
+        if encoder.kind == "static":
+            table = np.asarray(jax.device_get(encoder.params["embedding"]))
+    if head.variant != "hidden_state" and (head.vocab_size, head.dim) != (encoder.config.vocab_size, encoder.dim):
         raise ValueError(f"RecheadConfig(vocab_size={head.vocab_size}, dim={head.dim}) must match the text "
                          f"encoder's (vocab_size={encoder.config.vocab_size}, dim={encoder.dim})")
     params = init_rechead(head, jax.random.key(cfg.seed), {k: v[:2] for k, v in examples["train"].items()},
