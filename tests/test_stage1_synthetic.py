@@ -8,7 +8,7 @@ from rporec_jax.data import DataConfig, SyntheticConfig, load_dataset
 from rporec_jax.models.rechead import RecheadConfig
 from rporec_jax.models.text_encoder import TextEncoder, TextEncoderConfig
 from rporec_jax.train.features import item_matrix, rechead_examples
-from rporec_jax.train.stage1 import Stage1Config, run_stage1
+from rporec_jax.train.stage1 import Stage1Config, restore_best_rechead, run_stage1
 from rporec_jax.train.state import OptimConfig
 
 
@@ -56,8 +56,18 @@ def test_trained_rechead_beats_most_popular(synthetic, tmp_path, monkeypatch):
     builder = synthetic.prompt_builder()
     enc = word_static_encoder(synthetic.item_texts[1:] + [builder.user_content([1])])
     head = RecheadConfig(variant="prompt_only", dim=32, vocab_size=enc.config.vocab_size)
-    cfg = Stage1Config(batch_size=64, epochs=12, optim=OptimConfig(lr=1e-2, total_steps=330))
+    cfg = Stage1Config(batch_size=64, epochs=12, optim=OptimConfig(lr=1e-2, total_steps=330),
+                       checkpoint_dir=str(tmp_path / "ckpt"))
     state, report = run_stage1(synthetic, enc, head, cfg, eval_splits=("valid", "test"))
+
+    # the best validation step is kept, checkpointed with orbax, and is what the final report measures
+    valid_by_step = {s: e["valid_ndcg@10"] for row in report["history"] for s, e in row["evals"].items()}
+    assert report["best_step"] == max(valid_by_step, key=valid_by_step.get)
+    assert report["valid"]["ndcg@10"] == pytest.approx(max(valid_by_step.values()))
+    step, restored = restore_best_rechead(str(tmp_path / "ckpt"), state.params["rechead"])
+    assert step == report["best_step"]
+    for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state.params["rechead"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     pop_metrics = evaluate_popularity(synthetic, "test", mesh=make_mesh(devices=jax.devices()[:1]))
     assert report["history"][-1]["loss"] < report["history"][0]["loss"]

@@ -94,6 +94,9 @@ class Stage1Config:
     optim: OptimConfig = OptimConfig()
     seed: int = 0
     log_every: int = 50
+    eval_every: int = 0  # steps between validations; 0 = at the end of every epoch
+    select_metric: str = "ndcg@10"  # on valid; the best step's Rechead is kept and reported on test
+    checkpoint_dir: Optional[str] = None  # orbax checkpoint of the best Rechead (max_to_keep=1)
 
 
 def iterate_batches(examples: dict, batch_size: int, rng: np.random.Generator, shuffle: bool = True,
@@ -112,9 +115,10 @@ def iterate_batches(examples: dict, batch_size: int, rng: np.random.Generator, s
 
 
 def fit_stage1(state: TrainState, head: RecheadConfig, examples: dict, cfg: Stage1Config,
-               mesh: Optional[Mesh] = None, on_epoch: Optional[Callable] = None):
+               mesh: Optional[Mesh] = None, on_eval: Optional[Callable] = None):
     """Returns (trained state, per-epoch history) after `cfg.epochs` passes over `examples` with a progress
-    bar; `on_epoch(epoch, state) -> dict` adds evaluation metrics to the history."""
+    bar; `on_eval(step, state) -> dict` runs every `cfg.eval_every` steps (or at each epoch's end) and its
+    metrics go into the history."""
     from tqdm.auto import tqdm
 
     mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
@@ -127,16 +131,21 @@ def fit_stage1(state: TrainState, head: RecheadConfig, examples: dict, cfg: Stag
     with tqdm(total=cfg.epochs * steps_per_epoch, desc="stage 1", unit="step") as bar:
         for epoch in range(cfg.epochs):
             t0, losses = time.perf_counter(), []
+            evals = {}
             for batch in iterate_batches(examples, cfg.batch_size, rng, multiple=multiple):
                 state, metrics = step(state, batch)
                 losses.append(metrics["loss"])
                 bar.update(1)
                 if len(losses) % cfg.log_every == 0:
                     bar.set_postfix(loss=f"{float(losses[-1]):.4f}")
-            row = {"epoch": epoch + 1, "loss": float(np.mean(jax.device_get(losses))),
+                if on_eval is not None and cfg.eval_every and int(state.step) % cfg.eval_every == 0:
+                    evals[int(state.step)] = on_eval(int(state.step), state)
+            row = {"epoch": epoch + 1, "step": int(state.step), "loss": float(np.mean(jax.device_get(losses))),
                    "examples_per_s": n / (time.perf_counter() - t0)}
-            if on_epoch is not None:
-                row.update(on_epoch(epoch + 1, state))
+            if on_eval is not None and not cfg.eval_every:
+                evals[int(state.step)] = on_eval(int(state.step), state)
+            if evals:
+                row["evals"] = evals
             history.append(row)
             log.info("stage 1 epoch %d: %s", epoch + 1, row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
@@ -198,15 +207,52 @@ def run_stage1(ds, encoder, head: RecheadConfig, cfg: Stage1Config, cot: Optiona
                           tower_init=table)
     state = stage1_state(head, params, items, cfg.optim, jax.random.key(cfg.seed + 1), mesh, strategy)
     num_items = ds.num_items
+    best = {"score": -np.inf, "step": None, "rechead": None}
+    manager = _best_checkpointer(cfg) if cfg.checkpoint_dir else None
 
-    def on_epoch(epoch, st):
-        if "valid" not in examples:
-            return {}
+    def on_eval(step, st):
         m = evaluate_rechead(st, head, examples["valid"], num_items, mesh, strategy, eval_config)
+        score = m[cfg.select_metric]
+        if score > best["score"]:  # keep the best Rechead on the host (it is small next to the LLM)
+            best.update(score=score, step=step, rechead=jax.device_get(st.params["rechead"]))
+        if manager is not None:
+            import orbax.checkpoint as ocp
+
+            manager.save(step, args=ocp.args.StandardSave(st.params["rechead"]), metrics={cfg.select_metric: score})
         return {f"valid_{k}": v for k, v in m.items()}
 
-    state, history = fit_stage1(state, head, examples["train"], cfg, mesh, on_epoch)
-    report = {"history": history}
+    state, history = fit_stage1(state, head, examples["train"], cfg, mesh,
+                                on_eval if "valid" in examples else None)
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+    report = {"history": history, "best_step": best["step"], f"best_valid_{cfg.select_metric}": best["score"]}
+    if best["rechead"] is not None:  # report every split at the best validation step, as selected
+        shardings = jax.tree_util.tree_map(lambda x: x.sharding, state.params["rechead"])
+        state = state.replace(params={**state.params, "rechead": jax.device_put(best["rechead"], shardings)})
     for s in eval_splits:
         report[s] = evaluate_rechead(state, head, examples[s], num_items, mesh, strategy, eval_config)
     return state, report
+
+
+def _best_checkpointer(cfg: Stage1Config):
+    """Returns an orbax CheckpointManager keeping only the best Rechead by `cfg.select_metric`."""
+    import os
+
+    import orbax.checkpoint as ocp
+
+    opts = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m[cfg.select_metric], best_mode="max")
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(cfg.checkpoint_dir, "stage1_rechead")), options=opts)
+
+
+def restore_best_rechead(checkpoint_dir: str, like: dict) -> tuple[int, dict]:
+    """Returns (step, Rechead params) of the best stage-1 checkpoint, placed like the pytree `like`."""
+    import os
+
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(os.path.abspath(os.path.join(checkpoint_dir, "stage1_rechead"))) as m:
+        step = m.best_step() if m.best_step() is not None else m.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{checkpoint_dir}/stage1_rechead holds no checkpoint")
+        return step, m.restore(step, args=ocp.args.StandardRestore(like))
