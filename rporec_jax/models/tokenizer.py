@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from rporec_jax.cache import cache_dir, file_fingerprint
@@ -29,5 +30,8 @@ def load_tokenizer(path: str | os.PathLike):
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
     tok.save_pretrained(str(tmp))
-    os.replace(tmp, cached) if not cached.exists() else None
+    if cached.exists():  # another process finished first; keep its copy
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, cached)
     return AutoTokenizer.from_pretrained(str(cached))
