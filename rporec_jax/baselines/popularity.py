@@ -8,17 +8,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rporec_jax.data import LoaderConfig, PreparedDataset, make_loader
-from rporec_jax.data.storage import decode
 from rporec_jax.eval import EvalConfig, evaluate
-
-
-def _read_split(ds: PreparedDataset, split: str, chunk: int = 8192) -> list[dict]:
-    src = ds.source(split)
-    if not hasattr(src, "__getitems__"):
-        return list(ds.records(split))
-    # Batched reads: one random-access read per record (`ds.records`) is ~20x slower on ArrayRecord.
-    return [decode(raw) for start in range(0, len(src), chunk)
-            for raw in src.__getitems__(list(range(start, min(start + chunk, len(src)))))]
 
 
 def popularity_counts(ds: PreparedDataset, split: str = "train") -> np.ndarray:
@@ -28,7 +18,7 @@ def popularity_counts(ds: PreparedDataset, split: str = "train") -> np.ndarray:
     windows repeat each event in up to W histories, so events are counted once, not once per window.
     """
     users, positions, items = [], [], []
-    for r in _read_split(ds, split):
+    for r in ds.records(split):
         seq = [*r["history"], r["target"]]
         users.append(np.full(len(seq), r["user"], np.int64))
         positions.append(np.arange(r["position"] - len(seq) + 1, r["position"] + 1, dtype=np.int64))

@@ -229,11 +229,13 @@ class PreparedDataset:
             raise KeyError(f"{self.path}: no split {split!r}; has {list(self.manifest['shards'])}")
         return grain.sources.ArrayRecordDataSource([str(self.path / n) for n in self.manifest["shards"][split]])
 
-    def records(self, split: str) -> Iterator[dict]:
+    def records(self, split: str, chunk: int = 8192) -> Iterator[dict]:
         """Returns an iterator over the split's decoded records in stored order."""
         src = self.source(split)
-        for i in range(len(src)):
-            yield decode(src[i])
+        # Batched reads: one random-access read per record is ~20x slower on ArrayRecord.
+        for start in range(0, len(src), chunk):
+            for raw in src.__getitems__(list(range(start, min(start + chunk, len(src))))):
+                yield decode(raw)
 
     def prompt_builder(self, tokenizer=None) -> PromptBuilder:
         """Returns the `PromptBuilder` (same instruction and limits) that produced the stored prompts."""
