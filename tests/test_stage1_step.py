@@ -1,6 +1,5 @@
 """Stage-1 loss vs NumPy, train-state transforms, and the jitted step (learning, sharding, frozen parts)."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

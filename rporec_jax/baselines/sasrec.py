@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from rporec_jax import sharding as shd
 from rporec_jax.data import LoaderConfig, PreparedDataset, make_loader

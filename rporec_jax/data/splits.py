@@ -58,7 +58,7 @@ def make_instances(data: Interactions, cfg: SplitConfig) -> Instances:
     if cfg.kind == "temporal" and data.timestamps is None:
         raise ValueError(f"{data.name}: temporal split needs timestamps; this source has none (use leave_one_out)")
     w = cfg.window
-    users, positions, seqs_idx = [], [], []
+    users, positions = [], []
     for u, seq in enumerate(data.sequences):
         n = len(seq)
         if n >= 2:
