@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Callable, Iterator, Optional
@@ -155,6 +156,15 @@ def fit_stage1(state: TrainState, head: RecheadConfig, examples: dict, cfg: Stag
 _HEAD_INPUTS = ("prompt_ids", "prompt_mask", "cot_ids", "cot_mask", "answer_ids", "answer_mask", "format", "hidden")
 
 
+@functools.lru_cache(maxsize=None)
+def _eval_fns(head: RecheadConfig):
+    """Returns jitted (user vectors, item vectors) for `head`, built once so repeated validations reuse the
+    compiled programs instead of tracing fresh lambdas every call."""
+    users = jax.jit(lambda p, b: user_vectors(head, p, b))
+    items = jax.jit(lambda p: item_vectors(head, p["rechead"], p["items"]))
+    return users, items
+
+
 def evaluate_rechead(state: TrainState, head: RecheadConfig, examples: dict, num_items: int,
                      mesh: Optional[Mesh] = None, strategy="dp", eval_config=None, batch_size: int = 256) -> dict:
     """Returns full-ranking metrics ({'ndcg@K', 'hr@K', 'count'}) of the Rechead in `state` on `examples`."""
@@ -162,8 +172,8 @@ def evaluate_rechead(state: TrainState, head: RecheadConfig, examples: dict, num
 
     mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
     eval_config = eval_config or EvalConfig()
-    users = jax.jit(lambda p, b: user_vectors(head, p, b))
-    items = jax.jit(lambda p: item_vectors(head, p["rechead"], p["items"]))(state.params)
+    users, item_fn = _eval_fns(head)
+    items = item_fn(state.params)
     multiple = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
 
     def fn(batch):
