@@ -110,8 +110,8 @@ def test_synthetic_is_seeded_and_follows_its_oracle():
 
 def _ml(tmp_path, u_data: bytes, u_item: bytes | None = None) -> MovieLensConfig:
     item = "|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|1|0"
-    (tmp_path / "u.item").write_bytes(u_item if u_item is not None else
-                                      f"1|Alpha (1990)|01-Jan-1990||url{item}\n2|Beta (1991)|01-Jan-1991||url{item}\n".encode())
+    default = f"1|Alpha (1990)|01-Jan-1990||url{item}\n2|Beta (1991)|01-Jan-1991||url{item}\n".encode()
+    (tmp_path / "u.item").write_bytes(u_item if u_item is not None else default)
     (tmp_path / "u.data").write_bytes(u_data)
     return MovieLensConfig(root=str(tmp_path), download=False)
 
@@ -127,7 +127,7 @@ def test_movielens_bad_rows(tmp_path, line, field, pattern):
     with pytest.raises(DataError, match=pattern) as e:
         cfg.load()
     assert e.value.path.endswith("u.data") and e.value.line == 3 and e.value.field == field
-    assert f"u.data:3:" in str(e.value)
+    assert "u.data:3:" in str(e.value)
     skipped = MovieLensConfig(root=cfg.root, download=False, skip_bad_rows=True).load()
     assert skipped.report.bad_rows == 1 and skipped.num_interactions == 2
     assert "u.data:3" in skipped.report.bad_row_examples[0]

@@ -6,25 +6,10 @@ import pytest
 
 from rporec_jax.data import DataConfig, SyntheticConfig, load_dataset
 from rporec_jax.models.rechead import RecheadConfig
-from rporec_jax.models.text_encoder import TextEncoder, TextEncoderConfig
+from rporec_jax.models.tiny import word_static_encoder
 from rporec_jax.train.features import item_matrix, rechead_examples
 from rporec_jax.train.stage1 import Stage1Config, restore_best_rechead, run_stage1
 from rporec_jax.train.state import OptimConfig
-
-
-def word_static_encoder(texts, dim=32, seed=0) -> TextEncoder:
-    """A static tower over the words of `texts` (lower-cased word-level tokenizer), random table."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-
-    words = sorted({w for t in texts for w in pre_tokenizers.Whitespace().pre_tokenize_str(t.lower())
-                    for w in [w[0]]})
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    table = np.random.default_rng(seed).normal(size=(len(vocab), dim)).astype(np.float32)
-    table[0] = 0
-    return TextEncoder(TextEncoderConfig("static", len(vocab), dim), {"embedding": table}, tok)
 
 
 @pytest.fixture(scope="module")

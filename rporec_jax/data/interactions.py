@@ -67,7 +67,8 @@ def build_interactions(
     used = {item for evs in per_user.values() for _, item in evs}
     missing = used - item_texts.keys()
     if missing:
-        raise ValueError(f"{name}: {len(missing)} interacted items have no item text, e.g. {sorted(map(str, missing))[:3]}")
+        raise ValueError(f"{name}: {len(missing)} interacted items have no item text, "
+                         f"e.g. {sorted(map(str, missing))[:3]}")
     if keep_unused_items:
         used = set(item_texts)
     report.removed("items_without_interactions", len(item_texts) - len(used))

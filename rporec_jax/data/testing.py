@@ -11,8 +11,9 @@ CHAT_TEMPLATE = (
 SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 
 
-def tiny_chat_tokenizer(texts: Iterable[str] = ()):
-    """Returns a `transformers.PreTrainedTokenizerFast` (word/punctuation tokens from `texts`, im_start chat template)."""
+def tiny_chat_tokenizer(texts: Iterable[str] = (), multiple_of: int = 1):
+    """Returns a `transformers.PreTrainedTokenizerFast` (word/punctuation tokens from `texts`, im_start chat
+    template); filler words `<extra_k>` round the vocabulary up to a multiple of `multiple_of` (shardable)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -20,6 +21,7 @@ def tiny_chat_tokenizer(texts: Iterable[str] = ()):
     # The chat template's role names and tag text are always in the vocabulary.
     texts = [*texts, "system user assistant <think></think> <answer></answer>"]
     words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)} - set(SPECIAL))
+    words += [f"<extra_{k}>" for k in range(-(len(SPECIAL) + len(words)) % multiple_of)]
     vocab = {tok: i for i, tok in enumerate(SPECIAL + words)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre
