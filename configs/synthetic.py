@@ -29,14 +29,16 @@ def config() -> RunConfig:
                         prompt=PromptConfig(max_prompt_tokens=256), num_negatives=20),
         backbone=ModelConfig(path=TINY_RANDOM, dtype="float32"),
         encoder=EncoderConfig(path=TINY_RANDOM, kind="static"),
+        # The untrained tiny model never writes the tags: its text is read as an open <think> (all CoT), so
+        # the Rechead's CoT tower and the GRPO rewards have something to read.
         cot=CoTConfig(max_new_tokens=24, batch_size=8, shard_size=64, prompt_buckets=BUCKETS,
-                      teacher_dtype="float32"),
+                      teacher_dtype="float32", assume_think_open=True),
         rechead=RecheadConfig(variant="text_fusion", dim=32, vocab_size=0, encoder_layers=2, encoder_heads=4,
                               encoder_ffn=64),
-        stage1=Stage1Config(batch_size=32, epochs=3, optim=OptimConfig(lr=1e-3, total_steps=12), log_every=4),
+        stage1=Stage1Config(batch_size=32, epochs=10, optim=OptimConfig(lr=1e-2, total_steps=40), log_every=4),
         stage2=Stage2Config(
             steps=6, batch_size=2, num_samples=4, max_new_tokens=24, prompt_buckets=BUCKETS, length_bucket=8,
-            optim=OptimConfig(lr=1e-3, weight_decay=0.0, grad_clip=1.0, total_steps=6),
+            assume_think_open=True, optim=OptimConfig(lr=1e-2, weight_decay=0.0, grad_clip=1.0, total_steps=6),
             # An untrained model rarely writes the tags; without the format gate it still gets reward signal.
             reward=RewardConfig(format_gate=False, summary_max_tokens=16),
         ),

