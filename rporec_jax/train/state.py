@@ -35,7 +35,10 @@ class TrainState:
         step = jnp.zeros((), jnp.int32)
         if mesh is not None:
             rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            step, key = jax.device_put(step, rep), jax.device_put(key, rep)
+            # typed keys cannot be put on other processes' devices; their raw data can (multi-host)
+            key = jax.random.wrap_key_data(jax.device_put(jax.random.key_data(key), rep),
+                                           impl=jax.random.key_impl(key))
+            step = jax.device_put(step, rep)
         return cls(step, dict(params), None, key)
 
     def split_params(self) -> tuple[dict, dict]:
