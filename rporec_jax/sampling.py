@@ -244,7 +244,8 @@ class Sampler:
             log.info("sampler: compiling for batch %d, prompt bucket %d (%d programs so far)",
                      batch, bucket, len(self._shapes))
         toks, mask, lps, ents = jax.device_get(
-            self._fn(self.model.params if params is None else params, prompt, pmask, key))
+            self._fn(self.model.params if params is None else params,
+                     *shd.host_batch_to_global((prompt, pmask), self.mesh), key))
         keep = n_real * cfg.num_samples
         toks, mask, lps = toks[:keep], np.array(mask[:keep]), lps[:keep]
         ents = None if ents is None else ents[:keep]

@@ -120,6 +120,21 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def host_batch_to_global(batch: Any, mesh: Mesh) -> Any:
+    """Returns `batch` (a pytree of host `[batch, ...]` arrays, identical on every process) as global jax
+    Arrays split over ('data', 'fsdp'); each process places only the rows its devices hold, so the same code
+    runs on one host and on a pod (where jit refuses host arrays for multi-process shardings)."""
+    if jax.process_count() == 1:
+        return batch  # jit's in_shardings place host arrays directly
+
+    def put(x):
+        if isinstance(x, jax.Array):  # already global (e.g. built with make_array_from_process_local_data)
+            return x
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda idx: x[idx])
+    return jax.tree_util.tree_map(put, batch)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Returns a fully replicated sharding on `mesh`."""
     return NamedSharding(mesh, P())

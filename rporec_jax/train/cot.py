@@ -338,6 +338,8 @@ def generate_cot(teacher, dataset: PreparedDataset, out_dir: str | os.PathLike, 
         n_shards = -(-n // cfg.shard_size)
         manifest["splits"][split] = {"instances": n, "shards": n_shards}
         todo = [k for k in range(n_shards) if not shard_path(out_dir, split, k).exists()]
+        if max_shards is not None:  # the progress bar counts only what this call will generate
+            todo = todo[:max(0, max_shards - written)]
         if writer:
             (out_dir / split).mkdir(parents=True, exist_ok=True)
             # Leftovers of a run that died while writing; one run writes a directory at a time.

@@ -81,7 +81,7 @@ def make_stage1_step(head: RecheadConfig, state: TrainState, mesh: Optional[Mesh
         if sig not in compiled:  # one program per batch signature (the last partial batch is padded)
             compiled[sig] = jax.jit(step, in_shardings=(state_shardings, batch_sharding(batch)),
                                     out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
-        return compiled[sig](state, batch)
+        return compiled[sig](state, shd.host_batch_to_global(batch, mesh))
 
     return run
 

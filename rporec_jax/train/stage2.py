@@ -176,7 +176,7 @@ def make_update_step(model, cfg: Stage2Config, state: TrainState, mesh: Optional
             compiled[sig] = jax.jit(lambda s, b: policy_update(model, cfg, s, b),
                                     in_shardings=(state_shardings, shardings),
                                     out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
-        return compiled[sig](state, batch)
+        return compiled[sig](state, shd.host_batch_to_global(batch, mesh))
 
     return run
 
