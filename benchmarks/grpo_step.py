@@ -42,6 +42,20 @@ def progress(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def set_threads(n):
+    """Returns the CPU thread count both sides use: pins this process to the first `n` cores it may run on
+    (0 = all), before JAX starts its CPU backend, which sizes its thread pool from that mask."""
+    if not hasattr(os, "sched_getaffinity"):
+        return os.cpu_count()
+    cores = sorted(os.sched_getaffinity(0))
+    if n:
+        if n > len(cores):
+            raise SystemExit(f"--threads {n}: only {len(cores)} cores available")
+        cores = cores[:n]
+        os.sched_setaffinity(0, cores)
+    return len(cores)
+
+
 def fixed_length_prompt(tok, messages, n):
     """Returns (text, ids): `messages` chat-templated (generation prompt added) with the last message's content
     cut or repeated so that `tok(text)` is exactly `n` tokens."""
@@ -233,8 +247,12 @@ def main():
     ap.add_argument("--num-samples", type=int, default=4, help="G")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads for both sides: pins the process to that many cores (XLA sizes its pool "
+                         "from the affinity mask) and sets torch's thread count (default: all cores)")
     ap.add_argument("--skip-reference", action="store_true", help="only run ours (e.g. on TPU)")
     args = ap.parse_args()
+    threads = set_threads(args.threads)
 
     path = args.model or default_model_path()
     hf_dir = gguf_to_hf_dir(path) if str(path).endswith(".gguf") else path
@@ -255,27 +273,31 @@ def main():
         rows = [("rporec_jax", [m["time/step"] for m in ours], [m["time/rollout"] for m in ours],
                  [m["time/reward"] for m in ours], [m["time/update"] for m in ours], [m["tokens"] for m in ours],
                  [m["completion_length"] for m in ours])]
-        threads = ""
+        torch_threads = ""
         if not args.skip_reference:
             import torch
 
-            torch.set_num_threads(os.cpu_count())
+            torch.set_num_threads(threads)
             ref = run_trl(args, hf_dir, prompts, workdir)
             load.append(os.getloadavg()[0])
             rows.append((f"trl {__import__('trl').__version__}", [r["step"] for r in ref],
                          [r["rollout"] for r in ref], [r["reward"] for r in ref], [r["update"] for r in ref],
                          [r["tokens"] for r in ref], [r["length"] for r in ref]))
-            threads = f"; torch threads {sorted({r['threads'] for r in ref})}"
+            torch_threads = f" (torch: {'/'.join(str(t) for t in sorted({r['threads'] for r in ref}))})"
 
     med = statistics.median
     d = jax.devices()[0]
     c = model.config
-    print(f"device: {d.platform} ({d.device_kind}), {os.cpu_count()} CPU threads{threads}; model {c.model_type} "
+    print(f"device: {d.platform} ({d.device_kind}), {threads} CPU threads{torch_threads}; model {c.model_type} "
           f"{c.num_layers}L/{c.hidden_size}d float32; {args.prompts} prompts x G {args.num_samples}, prompt "
           f"{args.prompt_len} tokens, {args.new_tokens} new tokens (no early stop), T 1.0; beta 0.001; "
           f"median of {args.steps} steps after {args.warmup} warm-up")
     print(f"1-min load average at start / after ours / after TRL: {' / '.join(f'{x:.1f}' for x in load)} "
           f"(above the CPU count means other processes shared the cores)")
+    if max(load) > threads + 1:
+        print("WARNING: other processes shared the cores during this run; torch's OpenMP decode (many small "
+              "parallel regions) slows down far more than XLA under oversubscription, so the ratio is not a "
+              "clean-machine number: rerun on a quiet machine (or with --threads 1)")
     print("rewards: ours = Rechead NDCG + length + CoT entropy (w_comp = w_sim = 0, format gate off); "
           "TRL = a Python length reward")
     print(f"{'side':<14}{'step s':>9}{'rollout':>9}{'reward':>9}{'update':>9}{'tokens/s':>10}{'compl. len':>12}")

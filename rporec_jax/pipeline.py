@@ -173,6 +173,7 @@ class Pipeline:
                 continue
             t = time.time()
             getattr(self, f"run_{stage}")()
+            self.progress_state.setdefault("wall_s", {})[stage] = time.time() - t
             self._mark_done(stage)
             self.logger.summary(stage, f"done in {time.time() - t:.0f} s")
         return self.write_report()
@@ -230,7 +231,9 @@ class Pipeline:
                 flat.update(ev)
             self.logger.log("stage1", row["step"], flat)
         self.stage1_state = state
-        self._add_rows("stage1", {s: report[s] for s in cfg.eval.splits}, wall_s=time.time() - t,
+        # the row's cost includes the CoT it reads
+        wall = time.time() - t + self.progress_state.get("wall_s", {}).get("cot", 0.0)
+        self._add_rows("stage1", {s: report[s] for s in cfg.eval.splits}, wall_s=wall,
                        device=jax.devices()[0].device_kind)
         self.logger.summary("stage1", f"best step {report['best_step']}; " + ", ".join(
             f"{s} ndcg@10 {report[s]['ndcg@10']:.4f}" for s in cfg.eval.splits))
@@ -399,7 +402,8 @@ class Pipeline:
                     self.logger.samples("eval", 0, [{"split": split, "decoding": decoding, **recs[0]}
                                                     for recs in list(cot.values())[:2]])
             name = "stage2" if decoding == "greedy" else "stage2_sampled"
-            self._add_rows(name, by_split, wall_s=time.time() - t, device=dev,
+            wall = time.time() - t + self.progress_state.get("wall_s", {}).get("stage2", 0.0)  # training + eval
+            self._add_rows(name, by_split, wall_s=wall, device=dev,
                            format_rate=float(np.mean(list(extra.values()))))
 
     def _limited_batches(self, split: str, batch_size: int) -> list[dict]:

@@ -38,15 +38,15 @@ class RecheadConfig:
     gate_scale: float = 0.1
     leaky_slope: float = 0.01  # torch.nn.LeakyReLU default
     ln_eps: float = 1e-5  # torch.nn.LayerNorm default
-    input_dim: int = 0  # hidden_state variant: the LLM's hidden size
+    input_dim: int = 0  # hidden_state variant: the LLM's hidden size (0 in a run config = the backbone's)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"rechead variant {self.variant!r}; expected one of {VARIANTS}")
         if self.variant == "text_fusion" and self.dim % self.encoder_heads:
             raise ValueError(f"dim={self.dim} is not divisible by encoder_heads={self.encoder_heads}")
-        if self.variant == "hidden_state" and self.input_dim <= 0:
-            raise ValueError("hidden_state variant needs input_dim = the LLM hidden size")
+        if self.input_dim < 0:
+            raise ValueError(f"input_dim={self.input_dim}; must be >= 0")
 
     @property
     def hidden(self) -> int:
@@ -178,6 +178,8 @@ def init_rechead(config: RecheadConfig, key: jax.Array, example_batch: dict,
                  tower_init: Optional[jax.Array] = None) -> dict:
     """Returns boxed params {'user': ..., ['item_proj': ...]}; `tower_init` `[vocab, dim]` seeds every
     static tower (e.g. a sentence-transformers static embedding table)."""
+    if config.variant == "hidden_state" and config.input_dim <= 0:
+        raise ValueError("the hidden_state Rechead needs input_dim = the LLM hidden size")
     k1, k2 = jax.random.split(key)
     params = {"user": Rechead(config).init(k1, example_batch)["params"]}
     if config.variant == "hidden_state":

@@ -1,0 +1,148 @@
+"""The results table (issue #8): every variant on the same splits, instances, seeds and full-ranking protocol.
+
+    RPOREC_DATA_DIR=../shared/data python benchmarks/results.py --configs demo scientific --seeds 0 1 2 \
+        --out runs/results
+
+Per (config, seed) it runs, in run directories under --out:
+  base        cot -> stage1 (text_fusion) -> stage2 -> eval     rows popular, sasrec, stage1, stage2
+  prompt_only stage1 with the no-reasoning Rechead               row prompt_only
+  refresh     stage2 + eval with the Rechead refresh (reuses base's CoT and stage-1 Rechead)   row stage2_refresh
+  hidden      stage1 + stage2 + eval with the hidden_state Rechead (reuses base's CoT)
+              rows hidden_stage1, hidden_stage2
+and writes mean +- std over seeds, wall time and device per row to `<out>/results.md` and `results.json`.
+Any `--set KEY=VALUE` applies to every run (e.g. smaller limits for a quick pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("ndcg@5", "ndcg@10", "ndcg@20", "hr@5", "hr@10", "hr@20")
+# (variant, rechead/stage overrides, stages, what it reuses from the base run, {row in run: row in the table})
+VARIANTS = (
+    ("base", [], "cot,stage1,stage2,eval", (), {}),
+    ("prompt_only", ["rechead.variant=prompt_only"], "stage1", (), {"stage1": "prompt_only"}),
+    ("refresh", ["stage2.refresh_every=1"], "stage2,eval", ("cot", "stage1"), {"stage2": "stage2_refresh"}),
+    ("hidden", ["rechead.variant=hidden_state"], "stage1,stage2,eval", ("cot",),
+     {"stage1": "hidden_stage1", "stage2": "hidden_stage2"}),
+)
+
+
+def run_variant(config: str, seed: int, variant, out: Path, extra: list[str]) -> list[dict]:
+    """Runs one variant (reusing the base run's finished stages) and returns its result rows, renamed."""
+    from rporec_jax import config as C
+    from rporec_jax.pipeline import Pipeline
+
+    name, overrides, stages, reuse, rename = variant
+    cfg = C.load_config(config, [f"seed={seed}", f"stage1.seed={seed}", f"stage2.seed={seed}", f"cot.seed={seed}",
+                                 *extra, *overrides, f"stages={stages}"])
+    if name != "base":  # baselines are the base run's rows
+        cfg = C.apply_overrides(cfg, ["eval.baselines="])
+    C.validate(cfg)
+    run_dir = out / f"{config}-s{seed}" / name
+    base = out / f"{config}-s{seed}" / "base"
+    resume = (run_dir / "progress.json").exists()
+    if not resume and reuse:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        done = []
+        if "cot" in reuse:
+            shutil.copytree(base / "cot", run_dir / "cot", dirs_exist_ok=True)
+            done.append("cot")
+        if "stage1" in reuse:
+            shutil.copytree(base / "ckpt" / "stage1_rechead", run_dir / "ckpt" / "stage1_rechead", dirs_exist_ok=True)
+            done.append("stage1")
+        (run_dir / "config.json").write_text(json.dumps(C.to_dict(cfg)))
+        (run_dir / "progress.json").write_text(json.dumps({"done": done, "results": []}))
+        resume = True
+    t = time.time()
+    pipe = Pipeline(cfg, str(run_dir), resume=resume, progress=False)
+    try:
+        pipe.run()
+    finally:
+        pipe.logger.close()
+    rows = []
+    for r in pipe.progress_state["results"]:
+        if name != "base" and r["row"] not in rename:
+            continue
+        rows.append({**r, "row": rename.get(r["row"], r["row"]), "config": config, "seed": seed})
+    print(f"[results] {config} seed {seed} {name}: {len(rows)} rows in {time.time() - t:.0f} s", flush=True)
+    return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Returns one row per (config, row, split) with mean and std over seeds of every metric and wall time."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["row"], r["split"]), []).append(r)
+    out = []
+    for (config, row, split), rs in groups.items():
+        agg = {"config": config, "row": row, "split": split, "seeds": len(rs), "device": rs[0].get("device", "")}
+        for k in (*METRICS, "wall_s"):
+            vals = np.asarray([r[k] for r in rs if k in r], np.float64)
+            agg[k] = float(vals.mean()) if len(vals) else None
+            agg[f"{k}_std"] = float(vals.std()) if len(vals) else None
+        out.append(agg)
+    return out
+
+
+ORDER = ("popular", "sasrec", "prompt_only", "stage1", "stage2", "stage2_refresh", "hidden_stage1", "hidden_stage2")
+
+
+def markdown(agg: list[dict]) -> str:
+    """Returns the table: one line per (config, row), valid and test NDCG/HR@10 plus @5/@20 NDCG, mean +- std."""
+    lines = ["| data | row | seeds | valid NDCG@10 | valid HR@10 | test NDCG@5 | test NDCG@10 | test NDCG@20 | "
+             "test HR@10 | test HR@20 | wall s | device |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    by = {(a["config"], a["row"], a["split"]): a for a in agg}
+    f = lambda a, k: "-" if a is None or a.get(k) is None else f"{a[k]:.4f} ± {a[k + '_std']:.4f}"  # noqa: E731
+    for config in sorted({a["config"] for a in agg}):
+        for row in sorted({a["row"] for a in agg if a["config"] == config},
+                          key=lambda r: ORDER.index(r) if r in ORDER else len(ORDER)):
+            v, t = by.get((config, row, "valid")), by.get((config, row, "test"))
+            any_ = t or v
+            lines.append(f"| {config} | {row} | {any_['seeds']} | {f(v, 'ndcg@10')} | {f(v, 'hr@10')} | "
+                         f"{f(t, 'ndcg@5')} | {f(t, 'ndcg@10')} | {f(t, 'ndcg@20')} | {f(t, 'hr@10')} | "
+                         f"{f(t, 'hr@20')} | {any_['wall_s']:.0f} | {any_['device']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", nargs="+", default=["demo", "scientific"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=[v[0] for v in VARIANTS])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", default="runs/results")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / "rows.jsonl"
+    rows = [json.loads(x) for x in rows_path.read_text().splitlines()] if rows_path.exists() else []
+    finished = {(r["config"], r["seed"], r["variant"]) for r in rows}
+    for config in args.configs:
+        for seed in args.seeds:
+            for variant in VARIANTS:
+                if variant[0] not in args.variants or (config, seed, variant[0]) in finished:
+                    continue
+                new = [{**r, "variant": variant[0]} for r in run_variant(config, seed, variant, out, args.set)]
+                with open(rows_path, "a") as fh:  # appended per variant: an interrupted table resumes
+                    fh.writelines(json.dumps(r) + "\n" for r in new)
+                rows += new
+    agg = aggregate(rows)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "aggregate": agg, "overrides": args.set}, indent=1))
+    (out / "results.md").write_text(markdown(agg))
+    print(markdown(agg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
