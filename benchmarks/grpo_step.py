@@ -294,7 +294,7 @@ def main():
           f"median of {args.steps} steps after {args.warmup} warm-up")
     print(f"1-min load average at start / after ours / after TRL: {' / '.join(f'{x:.1f}' for x in load)} "
           f"(above the CPU count means other processes shared the cores)")
-    if max(load) > threads + 1:
+    if max(load) > (os.cpu_count() or 1) + 1:
         print("WARNING: other processes shared the cores during this run; torch's OpenMP decode (many small "
               "parallel regions) slows down far more than XLA under oversubscription, so the ratio is not a "
               "clean-machine number: rerun on a quiet machine (or with --threads 1)")
