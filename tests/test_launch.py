@@ -110,3 +110,25 @@ def test_export_and_recommend(full_run, tmp_path, capsys):
     assert main(["recommend", "--run_dir", str(full_run), "--user", str(user), "--split", "test"]) == 0
     text = capsys.readouterr().out
     assert "reasoning:" in text and text.count("\n 1. [") + text.count("\n10. [") == 2
+
+
+def test_nonfinite_loss_stops_with_status_2_and_keeps_the_last_checkpoint(full_run, tmp_path, monkeypatch, capsys):
+    from rporec_jax.train import stage2
+
+    run = tmp_path / "nan"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("stage2", "report*", "plots", "tb"))
+    prog = json.loads((run / "progress.json").read_text())
+    prog.update(done=["cot", "stage1"], results=[r for r in prog["results"] if r["row"] == "stage1"])
+    (run / "progress.json").write_text(json.dumps(prog))
+    real_step = stage2.GRPOTrainer.step
+
+    def poisoned(self, state, step):
+        state, metrics, samples = real_step(self, state, step)
+        return state, {**metrics, "loss": float("nan")}, samples
+
+    monkeypatch.setattr(stage2.GRPOTrainer, "step", poisoned)
+    assert main(["--run_dir", str(run), "--resume", "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert "stage 2 step" in err and "loss is nan" in err
+    # nothing was saved from the poisoned state (the last good checkpoint, here none yet, stays the latest)
+    assert not [p for p in (run / "ckpt" / "stage2").iterdir() if p.name.isdigit()]
