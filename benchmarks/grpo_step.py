@@ -20,7 +20,10 @@ requires `config.architectures`, which the GGUF-converted config lacks). Its ste
 The first `--warmup` steps of each side (compilation, allocation) are not timed; medians over `--steps`.
 
     python benchmarks/grpo_step.py [--steps 3 --warmup 1 --prompts 2 --num-samples 4 --prompt-len 256
-                                    --new-tokens 128] [--skip-reference]
+                                    --new-tokens 128 --threads N] [--skip-reference]
+
+About 10 minutes on a 2-core CPU with the defaults. Run it on a quiet machine: under oversubscription torch's
+multi-threaded decode slows down by an order of magnitude (the output warns when the load average shows it).
 """
 
 from __future__ import annotations
@@ -222,7 +225,10 @@ def run_trl(args, hf_dir, prompts, workdir):
                                processing_class=tok, callbacks=[timer])
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
-    if trainer.args.activation_checkpointing or getattr(trainer.model, "is_gradient_checkpointing", False):
+    ckpt = getattr(trainer.model, "is_activation_checkpointing", None)
+    if ckpt is None:  # transformers < 5 names it after gradients
+        ckpt = getattr(trainer.model, "is_gradient_checkpointing", False)
+    if trainer.args.activation_checkpointing or ckpt:
         raise RuntimeError("TRL's activation checkpointing is on; the comparison assumes it off")
     trainer.train()
     rows = []
@@ -292,14 +298,16 @@ def main():
           f"{c.num_layers}L/{c.hidden_size}d float32; {args.prompts} prompts x G {args.num_samples}, prompt "
           f"{args.prompt_len} tokens, {args.new_tokens} new tokens (no early stop), T 1.0; beta 0.001; "
           f"median of {args.steps} steps after {args.warmup} warm-up")
-    print(f"1-min load average at start / after ours / after TRL: {' / '.join(f'{x:.1f}' for x in load)} "
+    print(f"1-min load average at start / after ours{' / after TRL' if len(load) > 2 else ''}: "
+          f"{' / '.join(f'{x:.1f}' for x in load)} "
           f"(above the CPU count means other processes shared the cores)")
     if max(load) > (os.cpu_count() or 1) + 1:
-        print("WARNING: other processes shared the cores during this run; torch's OpenMP decode (many small "
-              "parallel regions) slows down far more than XLA under oversubscription, so the ratio is not a "
-              "clean-machine number: rerun on a quiet machine (or with --threads 1)")
-    print("rewards: ours = Rechead NDCG + length + CoT entropy (w_comp = w_sim = 0, format gate off); "
-          "TRL = a Python length reward")
+        print("WARNING: other processes shared the cores during this run; with more than one thread, torch's "
+              "OpenMP decode (many small parallel regions) slows down far more than XLA under oversubscription, "
+              "so the numbers are not clean-machine numbers: rerun on a quiet machine"
+              + (" (or with --threads 1)" if threads > 1 else ""))
+    print("rewards: ours = Rechead NDCG + length + CoT entropy (w_comp = w_sim = 0, format gate off)"
+          + ("; TRL = a Python length reward" if len(rows) == 2 else ""))
     print(f"{'side':<14}{'step s':>9}{'rollout':>9}{'reward':>9}{'update':>9}{'tokens/s':>10}{'compl. len':>12}")
     for name, step, roll, rew, upd, toks, lens in rows:
         print(f"{name:<14}{med(step):>9.2f}{med(roll):>9.2f}{med(rew):>9.3f}{med(upd):>9.2f}"
