@@ -101,7 +101,8 @@ def test_resume_refuses_a_changed_config(full_run, capsys):
 def test_export_and_recommend(full_run, tmp_path, capsys):
     out = tmp_path / "hf"
     assert main(["export", "--run_dir", str(full_run), "--out", str(out)]) == 0
-    assert (out / "config.json").exists() and list(out.glob("*.safetensors"))
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert list(out.glob("*.safetensors"))
     from rporec_jax.config import from_dict
     from rporec_jax.data import load_dataset
 

@@ -105,6 +105,7 @@ def gguf_to_hf_dir(path: str | os.PathLike) -> Path:
     tmp = out.with_name(out.name + f".partial{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    _name_architecture(hf_config)
     hf_config.save_pretrained(str(tmp))
     write_sharded(tmp, {name: source[name] for name in source})
     load_tokenizer(path).save_pretrained(str(tmp))
@@ -162,6 +163,15 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", param_dtype: Opt
     return Model(config, params, tok, hf_config, mesh, strategy)
 
 
+CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _name_architecture(hf_config) -> None:
+    """Sets `architectures` when missing (GGUF-derived configs lack it; TRL and pipelines read it)."""
+    if not getattr(hf_config, "architectures", None) and hf_config.model_type in CAUSAL_LM_CLASSES:
+        hf_config.architectures = [CAUSAL_LM_CLASSES[hf_config.model_type]]
+
+
 def to_hf_config(config: DecoderConfig):
     """Returns a `transformers` config equivalent to `config` (for exporting models built from scratch)."""
     from transformers import AutoConfig
@@ -207,6 +217,7 @@ def save_model(model_or_params, out_dir: str | os.PathLike, config: Optional[Dec
     tmp.mkdir(parents=True)
     hf_config.tie_word_embeddings = config.tie_word_embeddings
     hf_config.dtype = str(next(iter(tensors.values())).dtype)
+    _name_architecture(hf_config)
     hf_config.save_pretrained(str(tmp))
     write_sharded(tmp, tensors)
     if tokenizer is not None:
