@@ -77,20 +77,10 @@ def test_grpo_raises_reward_and_repeats_with_the_same_seed(world, mesh1):
                 "time/reward", "time/update", "advantage_std"):
         assert key in hist[0], key
 
-    again, state2 = _setup(world, mesh1, cfg=cfg, limit=2)
+    # same seed, same metrics (the first 4 steps; resume exactness is tested end to end in test_launch.py)
+    again, state2 = _setup(world, mesh1, cfg=dataclasses.replace(cfg, steps=4), limit=2)
     _, hist2 = fit_stage2(again, state2, progress=False)
-    assert [_comparable(m) for m in hist] == [_comparable(m) for m in hist2]
-
-
-def test_resumed_run_repeats_the_uninterrupted_one(world, mesh1):
-    cfg = dataclasses.replace(CFG, steps=4)
-    trainer, state = _setup(world, mesh1, cfg=cfg)
-    _, full = fit_stage2(trainer, state, progress=False)
-    trainer, state = _setup(world, mesh1, cfg=cfg)
-    state, first = fit_stage2(trainer, state, progress=False, should_stop=lambda: True)
-    assert len(first) == 1
-    state, rest = fit_stage2(trainer, state, start_step=1, progress=False)
-    assert [_comparable(m) for m in first + rest] == [_comparable(m) for m in full]
+    assert [_comparable(m) for m in hist[:4]] == [_comparable(m) for m in hist2]
 
 
 def _rollout_batch(trainer, state, step=0):
