@@ -154,6 +154,8 @@ def export(cfg, run_dir: str, out: str) -> int:
 
 def recommend(cfg, run_dir: str, user: int, split: str) -> int:
     """Prints the tuned policy's reasoning and the Rechead's top-10 items for `user`'s instance in `split`."""
+    import dataclasses
+
     import jax
     import numpy as np
 
@@ -182,7 +184,7 @@ def recommend(cfg, run_dir: str, user: int, split: str) -> int:
                                           prompt_buckets=s2.prompt_buckets)).generate([ids], jax.random.key(0), params)
     parsed = [parse_output(out.texts[0], s2.assume_think_open)]
     scorer = RolloutScorer(p.model, p.head, p.encoder, p.ds.num_items,
-                           dataclasses_replace_full(s2.reward), p.mesh, s2.assume_think_open)
+                           dataclasses.replace(s2.reward, ranking="full"), p.mesh, s2.assume_think_open)
     inputs = scorer.rechead_inputs([builder.user_content(hist)], [ids], out, parsed, state.params)
     scores = scorer.scores(state.params, inputs, np.asarray([rec["target"]]), np.zeros((1, 0), np.int32))[0]
     scores[0] = -np.inf
@@ -195,13 +197,6 @@ def recommend(cfg, run_dir: str, user: int, split: str) -> int:
         mark = "  <- held-out next item" if int(i) == rec["target"] else ""
         print(f"{k:2d}. [{i}] {p.ds.item_texts[i][:100]}{mark}")
     return 0
-
-
-def dataclasses_replace_full(reward):
-    """Returns `reward` ranking the whole catalogue (recommendation is a full ranking)."""
-    import dataclasses
-
-    return dataclasses.replace(reward, ranking="full")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,6 +26,7 @@ import numpy as np
 from rporec_jax import config as C
 from rporec_jax import sharding as shd
 from rporec_jax.run_log import RunLogger, read_metrics
+from rporec_jax.train.cot import write_json
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,6 @@ RESUME_MAY_CHANGE = ("stages", "checkpoint.", "eval.", "distributed.")
 
 class Interrupted(Exception):
     """Raised when a stop was requested (SIGTERM/SIGINT) and the current stage saved its state."""
-
-
-def _json_write(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 @dataclasses.dataclass
@@ -94,12 +88,12 @@ class Pipeline:
         self.progress_state.setdefault("results", [])
         if self.primary:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _json_write(cfg_path, C.to_dict(self.cfg))
-            _json_write(prog_path, self.progress_state)
+            write_json(cfg_path, C.to_dict(self.cfg))
+            write_json(prog_path, self.progress_state)
 
     def _save_progress(self) -> None:
         if self.primary:
-            _json_write(self.run_dir / PROGRESS, self.progress_state)
+            write_json(self.run_dir / PROGRESS, self.progress_state)
 
     def _done(self, stage: str) -> bool:
         return stage in self.progress_state["done"]
@@ -197,7 +191,7 @@ class Pipeline:
             n = self.limit(split)
             # one shard of exactly `limit` instances = the first `limit` instances, as every stage reads them
             cot_cfg = dataclasses.replace(self.cfg.cot, splits=(split,),
-                                          shard_size=n or self.cfg.cot.shard_size, seed=self.cfg.cot.seed)
+                                          shard_size=n or self.cfg.cot.shard_size)
             sampler = sampler or Sampler(teacher, cot_cfg.sampling())
             stats = generate_cot(teacher, p.ds, self.cot_dir(split), cot_cfg, sampler=sampler,
                                  max_shards=1 if n else None, progress=self.progress, report=None)

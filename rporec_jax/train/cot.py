@@ -231,7 +231,8 @@ def _compared(cfg: CoTConfig) -> dict:
     return json.loads(json.dumps({k: v for k, v in d.items() if k not in _NOT_COMPARED}))
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
+    """Writes `obj` as JSON to `path` atomically (temp file + rename)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
@@ -280,7 +281,7 @@ def _open_manifest(out_dir: Path, cfg: CoTConfig, model_fp: str, dataset: Prepar
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(path, manifest)
+        write_json(path, manifest)
     return manifest
 
 
@@ -345,7 +346,7 @@ def generate_cot(teacher, dataset: PreparedDataset, out_dir: str | os.PathLike, 
             # Leftovers of a run that died while writing; one run writes a directory at a time.
             for stale in (out_dir / split).glob(".shard-*.jsonl.tmp-*"):
                 stale.unlink()
-            _write_json(out_dir / MANIFEST, manifest)
+            write_json(out_dir / MANIFEST, manifest)
         if not todo or stopped_early:
             continue
         remaining = sum(min(n, (k + 1) * cfg.shard_size) - k * cfg.shard_size for k in todo)
@@ -401,7 +402,7 @@ def generate_cot(teacher, dataset: PreparedDataset, out_dir: str | os.PathLike, 
     if writer:
         manifest["stats"] = stats
         manifest["complete"] = {s: v["shards_done"] == v["shards"] for s, v in stats.items()}
-        _write_json(out_dir / MANIFEST, manifest)
+        write_json(out_dir / MANIFEST, manifest)
     if report is not None:
         report(result.summary())
     return result
