@@ -3,7 +3,8 @@ $RPOREC_DATA_DIR/amazon18-scientific, with SmolLM2-135M-Instruct and MiniLM stat
 
 LC-Rec data has no timestamps, so the split is leave-one-out. Item texts are long (descriptions), so histories
 are 3 items with descriptions cut to 100 characters: prompts of 368 tokens median, 482 max; budget 448 drops the
-oldest item of the ~5% longer ones. CPU time as configs/demo.py with 448-token prompts: ~13 minutes.
+oldest item of the ~5% longer ones. Lengths, steps and epochs as configs/demo.py (trimmed by its measured stage
+times), with 448-token prompts.
 """
 
 import os
@@ -40,15 +41,15 @@ def config() -> RunConfig:
         # SmolLM2-135M never writes the <think>/<answer> tags (0% format-valid measured on ml-100k), so its whole
         # completion is read as reasoning (assume_think_open) and GRPO drops the format gate: otherwise every
         # reward is 0 and stage 2 cannot learn. Larger backbones (the paper configs) keep the reference's gate.
-        cot=CoTConfig(max_new_tokens=96, batch_size=8, shard_size=64, prompt_buckets=BUCKETS, teacher_dtype="float32",
+        cot=CoTConfig(max_new_tokens=64, batch_size=8, shard_size=64, prompt_buckets=BUCKETS, teacher_dtype="float32",
                       assume_think_open=True),
         rechead=RecheadConfig(variant="text_fusion", dim=384, vocab_size=0),
         stage1=Stage1Config(batch_size=16, epochs=5, optim=OptimConfig(lr=1e-3, total_steps=15), log_every=5),
         stage2=Stage2Config(
-            steps=4, batch_size=2, num_samples=4, max_new_tokens=64, prompt_buckets=BUCKETS, length_bucket=32,
+            steps=3, batch_size=2, num_samples=4, max_new_tokens=64, prompt_buckets=BUCKETS, length_bucket=32,
             reward=RewardConfig(summary_max_tokens=32, format_gate=False), assume_think_open=True,
-            optim=OptimConfig(lr=1e-6, weight_decay=0.0, grad_clip=1.0, total_steps=4),
+            optim=OptimConfig(lr=1e-6, weight_decay=0.0, grad_clip=1.0, total_steps=3),
         ),
-        eval=EvalRunConfig(sasrec_epochs=5),
+        eval=EvalRunConfig(sasrec_epochs=2),
         limits=LimitsConfig(train=48, valid=16, test=16),
     )

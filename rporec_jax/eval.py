@@ -280,6 +280,8 @@ def evaluate(fn: Callable[[dict], Any], batches: Iterable[dict], config: EvalCon
             raise KeyError(f"batch {i}: exclude_history needs a 'history' [B, W] field; got {sorted(batch)}")
         exclude = np.asarray(batch["history"]) if config.exclude_history else None
         out = fn(batch)
+        if item_matrix is not None:  # user vectors come back to the host to be padded
+            out = shd.to_host(out)
         if item_matrix is None:
             n = out.shape[1] - 1 if num_items is None else num_items
         else:
@@ -296,9 +298,9 @@ def evaluate(fn: Callable[[dict], Any], batches: Iterable[dict], config: EvalCon
             b = targets.shape[0]
             rows = -(-b // row_multiple) * row_multiple
             # Pad to a multiple of the users' shard count; padded rows are dropped again below.
-            user_vecs = _pad_rows(np.asarray(out), rows)
+            user_vecs = _pad_rows(out, rows)
             ranks = target_ranks(user_vecs, items, _pad_rows(targets, rows),
                                  None if exclude is None else _pad_rows(exclude, rows),
                                  num_items=n, mesh=mesh, strategy=strategy)[:b]
-        acc.add(np.asarray(ranks), valid)
+        acc.add(shd.to_host(ranks), valid)
     return acc.result()

@@ -73,16 +73,22 @@ def completion_logprobs(model, params, prompt_tokens, prompt_mask, tokens, mask,
 # Advantages
 # --------------------------------------------------------------------------------------------------------------
 
-def group_advantages(rewards, num_samples: int, mode: str = "grpo", eps: float = 1e-4, ddof: int = 0):
-    """Returns advantages `[rows]` for rewards `[rows]` in prompt-major groups of `num_samples` (row // G)."""
+def check_advantage_args(rows: int, num_samples: int, mode: str) -> None:
+    """Raises ValueError unless `rows` rewards split into groups of `num_samples` under `mode`. Touches no
+    device (configs call it before a multi-host run has initialised JAX)."""
     if mode not in ADVANTAGE_MODES:
         raise ValueError(f"group_advantages: mode {mode!r} not in {ADVANTAGE_MODES}")
+    if num_samples < 1 or rows % num_samples:
+        raise ValueError(f"group_advantages: {rows} rewards do not split into groups of num_samples={num_samples}")
+    if mode == "rloo" and num_samples < 2:
+        raise ValueError("group_advantages: rloo needs num_samples >= 2 (a leave-one-out mean)")
+
+
+def group_advantages(rewards, num_samples: int, mode: str = "grpo", eps: float = 1e-4, ddof: int = 0):
+    """Returns advantages `[rows]` for rewards `[rows]` in prompt-major groups of `num_samples` (row // G)."""
     g = int(num_samples)
     (r,) = rewards.shape
-    if g < 1 or r % g:
-        raise ValueError(f"group_advantages: {r} rewards do not split into groups of num_samples={g}")
-    if mode == "rloo" and g < 2:
-        raise ValueError("group_advantages: rloo needs num_samples >= 2 (a leave-one-out mean)")
+    check_advantage_args(r, g, mode)
     x = rewards.astype(jnp.float32).reshape(r // g, g)
     mean = x.mean(axis=1, keepdims=True)
     if mode == "grpo":

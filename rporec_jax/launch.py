@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     except (C.ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"[launch] error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"[launch] run {run_dir}: stages {','.join(cfg.stages)}", flush=True)
+    say = print if distributed.is_primary() else (lambda *a, **k: None)  # one voice on a multi-process run
+    say(f"[launch] run {run_dir}: stages {','.join(cfg.stages)}", flush=True)
     try:
         pipe.run()
     except Interrupted as e:
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
         return EXIT_NONFINITE
     finally:
         pipe.logger.close()
-    print(f"[launch] report: {Path(run_dir) / 'report.md'}", flush=True)
+    say(f"[launch] report: {Path(run_dir) / 'report.md'}", flush=True)
     return 0
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -86,6 +87,8 @@ class Pipeline:
             self.progress_state = {}
         self.progress_state.setdefault("done", [])
         self.progress_state.setdefault("results", [])
+        if jax.process_count() > 1:  # every process has read the dir before process 0 writes to it
+            multihost_utils.sync_global_devices("rporec_jax: run dir checked")
         if self.primary:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(cfg_path, C.to_dict(self.cfg))
@@ -389,7 +392,8 @@ class Pipeline:
                 m, cot = evaluate_policy(p.model, state.params["policy"], p.ds, split, p.head, state, p.encoder,
                                          decoding, limit=self.limit(split), seed=cfg.seed,
                                          assume_think_open=s2.assume_think_open, mesh=p.mesh, strategy=cfg.strategy,
-                                         eval_config=cfg.eval.metrics, sampler=sampler)
+                                         eval_config=cfg.eval.metrics, sampler=sampler,
+                                         progress=self.progress)
                 by_split[split] = m
                 extra[f"{split}_format_rate"] = m["format_rate"]
                 if self.primary:
@@ -402,12 +406,12 @@ class Pipeline:
 
     def _limited_batches(self, split: str, batch_size: int) -> list[dict]:
         """Returns loader batches of `split` holding only its first `limit` instances (valid=False after)."""
-        from rporec_jax.data.pipeline import LoaderConfig, make_loader
+        from rporec_jax.data.pipeline import whole_split_loader
 
         p = self.build()
         n = self.limit(split)
         out, seen = [], 0
-        for b in make_loader(p.ds, split, LoaderConfig(batch_size=batch_size, shuffle=False, drop_remainder=False)):
+        for b in whole_split_loader(p.ds, split, batch_size):
             if n is not None and seen >= n:
                 break
             b = dict(b)

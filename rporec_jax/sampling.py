@@ -243,7 +243,7 @@ class Sampler:
             self._shapes.add((batch, bucket))
             log.info("sampler: compiling for batch %d, prompt bucket %d (%d programs so far)",
                      batch, bucket, len(self._shapes))
-        toks, mask, lps, ents = jax.device_get(
+        toks, mask, lps, ents = shd.to_host(
             self._fn(self.model.params if params is None else params,
                      *shd.host_batch_to_global((prompt, pmask), self.mesh), key))
         keep = n_real * cfg.num_samples

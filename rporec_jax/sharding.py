@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tp")
@@ -124,15 +125,27 @@ def host_batch_to_global(batch: Any, mesh: Mesh) -> Any:
     """Returns `batch` (a pytree of host `[batch, ...]` arrays, identical on every process) as global jax
     Arrays split over ('data', 'fsdp'); each process places only the rows its devices hold, so the same code
     runs on one host and on a pod (where jit refuses host arrays for multi-process shardings)."""
-    if jax.process_count() == 1:
-        return batch  # jit's in_shardings place host arrays directly
-
     def put(x):
-        if isinstance(x, jax.Array):  # already global (e.g. built with make_array_from_process_local_data)
+        sharding = batch_sharding(mesh, np.ndim(x))
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global
             return x
         x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda idx: x[idx])
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
     return jax.tree_util.tree_map(put, batch)
+
+
+def to_host(tree: Any) -> Any:
+    """Returns `tree` with every array as a NumPy array holding its global value, on every process.
+
+    An array split over devices of other processes (a sharded output on a pod) is all-gathered: a collective,
+    so every process must call this in the same order, as the single-program code paths do."""
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+    return jax.tree_util.tree_map(get, tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

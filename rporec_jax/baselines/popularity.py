@@ -7,7 +7,8 @@ from typing import Any, Mapping
 import numpy as np
 from jax.sharding import Mesh
 
-from rporec_jax.data import LoaderConfig, PreparedDataset, make_loader
+from rporec_jax.data import PreparedDataset
+from rporec_jax.data.pipeline import whole_split_loader
 from rporec_jax.eval import EvalConfig, evaluate
 
 
@@ -52,7 +53,7 @@ def evaluate_popularity(ds: PreparedDataset, split: str, config: EvalConfig = Ev
                         strategy: str | Mapping[str, Any] = "dp") -> dict[str, float]:
     """Returns the full-ranking metrics dict of most-popular (train-split counts unless `counts`) on `split`."""
     scores = popularity_scores(popularity_counts(ds) if counts is None else counts)
-    loader = make_loader(ds, split, LoaderConfig(batch_size=batch_size, shuffle=False, drop_remainder=False))
+    loader = whole_split_loader(ds, split, batch_size)
     # A rank-1 "embedding" (user vector 1, item vector = score) reuses the sharded vector path unchanged.
     ones = np.ones((batch_size, 1), np.float32)
     return evaluate(lambda batch: ones[: len(batch["target"])], loader, config, item_matrix=scores[:, None],

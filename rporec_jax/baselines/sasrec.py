@@ -28,7 +28,8 @@ import optax
 from jax.sharding import Mesh
 
 from rporec_jax import sharding as shd
-from rporec_jax.data import LoaderConfig, PreparedDataset, make_loader
+from rporec_jax.data import PreparedDataset
+from rporec_jax.data.pipeline import whole_split_loader
 from rporec_jax.eval import EvalConfig, MetricSums, evaluate
 
 
@@ -196,7 +197,7 @@ def _train_step(params, opt_state, batch, key, *, model: SASRec, num_negatives: 
 
 
 def _eval_batches(ds: PreparedDataset, split: str, batch_size: int) -> list[dict]:
-    return list(make_loader(ds, split, LoaderConfig(batch_size=batch_size, shuffle=False, drop_remainder=False)))
+    return list(whole_split_loader(ds, split, batch_size))
 
 
 def evaluate_sasrec(params, ds: PreparedDataset, split: str, config: SASRecConfig, mesh: Mesh | None = None,
@@ -246,7 +247,6 @@ def train_sasrec(ds: PreparedDataset, config: SASRecConfig, key: jax.Array, mesh
     replicated = shd.replicated(mesh)
     params = jax.device_put(params, replicated)
     opt_state = jax.device_put(optax.adam(config.learning_rate).init(params), replicated)
-    batch_sh = {k: shd.batch_sharding(mesh, v.ndim) for k, v in train.items()}
 
     bar = tqdm(total=config.epochs * steps_per_epoch, desc="sasrec", disable=not config.progress)
     t0, step, history = time.time(), 0, []
@@ -256,14 +256,14 @@ def train_sasrec(ds: PreparedDataset, config: SASRecConfig, key: jax.Array, mesh
         losses = []
         for s in range(steps_per_epoch):
             rows = perm[s * config.batch_size : (s + 1) * config.batch_size]
-            batch = {k: jax.device_put(v[rows], batch_sh[k]) for k, v in train.items()}
+            batch = shd.host_batch_to_global({k: v[rows] for k, v in train.items()}, mesh)
             params, opt_state, loss = _train_step(params, opt_state, batch, jax.random.fold_in(k_train, step),
                                                   model=model, num_negatives=config.num_negatives,
                                                   learning_rate=config.learning_rate)
             losses.append(loss)
             step += 1
             bar.update(1)
-        record = {"epoch": epoch, "loss": float(np.mean(jax.device_get(losses)))}
+        record = {"epoch": epoch, "loss": float(np.mean(shd.to_host(losses)))}
         postfix = {"loss": f"{record['loss']:.4f}"}
         if (config.eval_every and epoch % config.eval_every == 0) or epoch == config.epochs:
             record["valid"] = evaluate_sasrec(params, ds, "valid", config, mesh, batches=valid_batches)

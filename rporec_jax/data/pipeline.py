@@ -158,3 +158,10 @@ def make_loader(ds: PreparedDataset, split: str, cfg: LoaderConfig, process_inde
     window = ds.config.split.window
     dset = dset.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder, batch_fn=_Collate(window, cfg))
     return iter(dset.to_iter_dataset())
+
+
+def whole_split_loader(ds: PreparedDataset, split: str, batch_size: int):
+    """Returns batches of all of `split` in order on every process (no shuffle, last batch padded with
+    valid=False): evaluation reads identical host batches everywhere and splits them over the mesh itself."""
+    return make_loader(ds, split, LoaderConfig(batch_size=batch_size, shuffle=False, drop_remainder=False),
+                       process_index=0, process_count=1)

@@ -360,10 +360,10 @@ def encode_texts(encoder: TextEncoder, texts: Sequence[str], batch_size: int = 2
             ids, mask = jax.device_put((ids, mask), in_sharding)
             result = _forward_jit(encoder.config, encoder.params, ids, mask)
             if pending is not None:
-                out[pending[0]] = np.asarray(pending[1])[:len(pending[0])]
+                out[pending[0]] = shd.to_host(pending[1])[:len(pending[0])]
                 bar.update(len(pending[0]))
             pending = (idx, result)
-        out[pending[0]] = np.asarray(pending[1])[:len(pending[0])]
+        out[pending[0]] = shd.to_host(pending[1])[:len(pending[0])]
         bar.update(len(pending[0]))
     return out
 

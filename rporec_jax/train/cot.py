@@ -174,7 +174,7 @@ def model_fingerprint(model) -> str:
     h.update(repr(dataclasses.asdict(model.config)).encode())
     h.update(tokenizer_fingerprint(model.tokenizer).encode() if model.tokenizer is not None else b"no-tokenizer")
     flat, _ = jax.tree_util.tree_flatten_with_path(model.params)
-    sums = jax.device_get(_checksums([x for _, x in flat]))
+    sums = shd.to_host(_checksums([x for _, x in flat]))
     for (path, x), s in zip(flat, sums):
         h.update(f"{jax.tree_util.keystr(path)}|{x.shape}|{x.dtype}|{int(s[0])}|{int(s[1])}".encode())
     return h.hexdigest()

@@ -44,7 +44,7 @@ def evaluate_policy(model, params, ds, split: str, head, state, encoder=None, de
                     max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
                     prompt_buckets=(256, 512, 1024, 2048), limit: Optional[int] = None, batch_size: int = 8,
                     seed: int = 0, assume_think_open: bool = False, mesh: Optional[Mesh] = None, strategy="dp",
-                    eval_config=None, sampler: Optional[Sampler] = None) -> tuple[dict, dict]:
+                    eval_config=None, sampler: Optional[Sampler] = None, progress: bool = True) -> tuple[dict, dict]:
     """Returns (metrics, completions): full-ranking metrics of the Rechead in `state` reading the policy's own
     reasoning ('greedy' or 'sampled' decoding), plus `format_rate` and `completion_length`.
 
@@ -59,7 +59,7 @@ def evaluate_policy(model, params, ds, split: str, head, state, encoder=None, de
         sampler = Sampler(model, SamplingConfig(max_new_tokens=max_new_tokens, prompt_buckets=tuple(prompt_buckets),
                                                 temperature=0.0 if decoding == "greedy" else temperature,
                                                 top_p=top_p))
-    cot = policy_completions(sampler, params, ds, split, limit, batch_size, seed, assume_think_open)
+    cot = policy_completions(sampler, params, ds, split, limit, batch_size, seed, assume_think_open, progress)
     if head.variant == "hidden_state":
         frozen = dataclasses.replace(model, params=state.params.get("reference", model.params))
         examples = hidden_examples(ds, split, frozen, cot, limit)

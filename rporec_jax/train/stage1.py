@@ -141,7 +141,7 @@ def fit_stage1(state: TrainState, head: RecheadConfig, examples: dict, cfg: Stag
                     bar.set_postfix(loss=f"{float(losses[-1]):.4f}")
                 if on_eval is not None and cfg.eval_every and int(state.step) % cfg.eval_every == 0:
                     evals[int(state.step)] = on_eval(int(state.step), state)
-            row = {"epoch": epoch + 1, "step": int(state.step), "loss": float(np.mean(jax.device_get(losses))),
+            row = {"epoch": epoch + 1, "step": int(state.step), "loss": float(np.mean(shd.to_host(losses))),
                    "examples_per_s": n / (time.perf_counter() - t0)}
             if not np.isfinite(row["loss"]):
                 raise FloatingPointError(f"stage 1 epoch {epoch + 1} (step {row['step']}): the sampled-softmax loss "
@@ -220,7 +220,7 @@ def run_stage1(ds, encoder, head: RecheadConfig, cfg: Stage1Config, cot: Optiona
         # A static encoder seeds the trainable towers with its own table (the reference's setup); a BERT
         # encoder only provides the frozen item matrix and the towers start random.
         if encoder.kind == "static":
-            table = np.asarray(jax.device_get(encoder.params["embedding"]))
+            table = shd.to_host(encoder.params["embedding"])
     if head.variant != "hidden_state" and (head.vocab_size, head.dim) != (encoder.config.vocab_size, encoder.dim):
         raise ValueError(f"RecheadConfig(vocab_size={head.vocab_size}, dim={head.dim}) must match the text "
                          f"encoder's (vocab_size={encoder.config.vocab_size}, dim={encoder.dim})")
@@ -235,7 +235,7 @@ def run_stage1(ds, encoder, head: RecheadConfig, cfg: Stage1Config, cot: Optiona
         m = evaluate_rechead(st, head, examples["valid"], num_items, mesh, strategy, eval_config)
         score = m[cfg.select_metric]
         if score > best["score"]:  # keep the best Rechead on the host (it is small next to the LLM)
-            best.update(score=score, step=step, rechead=jax.device_get(st.params["rechead"]))
+            best.update(score=score, step=step, rechead=shd.to_host(st.params["rechead"]))
         if manager is not None:
             import orbax.checkpoint as ocp
 

@@ -24,8 +24,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rporec_jax import sharding as shd
-from rporec_jax.grpo_loss import GRPOLossConfig, accumulate_gradients, completion_logprobs, group_advantages, \
-    grpo_loss, grpo_norm, split_micro_batches
+from rporec_jax.grpo_loss import GRPOLossConfig, accumulate_gradients, check_advantage_args, completion_logprobs, \
+    group_advantages, grpo_loss, grpo_norm, split_micro_batches
 from rporec_jax.rewards import RewardConfig
 from rporec_jax.sampling import Sampler, SamplingConfig
 from rporec_jax.train.state import OptimConfig, TrainState, add_params, attach_optimizer, compose, set_trainable, \
@@ -89,7 +89,7 @@ class Stage2Config:
             raise ValueError(f"Stage2Config: length_bucket={self.length_bucket}, logprob_chunk="
                              f"{self.logprob_chunk}, refresh_steps={self.refresh_steps} must be >= 1 and "
                              f"refresh_every={self.refresh_every} >= 0")
-        group_advantages(np.zeros(self.num_samples, np.float32), self.num_samples, self.advantage)  # validates
+        check_advantage_args(self.num_samples, self.num_samples, self.advantage)
         self.sampling()
 
     def sampling(self) -> SamplingConfig:
@@ -279,7 +279,7 @@ class GRPOTrainer:
         if self._update is None:
             self._update = make_update_step(self.model, cfg, state, self.mesh)
         state, upd = self._update(state, self.update_batch(out, adv))
-        upd = {k: float(v) for k, v in jax.device_get(upd).items()}
+        upd = {k: float(v) for k, v in shd.to_host(upd).items()}
         t3 = time.perf_counter()
         metrics = {**scored.metrics, **upd}
         if cfg.refresh_every and (step + 1) % cfg.refresh_every == 0:
