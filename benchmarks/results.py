@@ -114,6 +114,48 @@ def markdown(agg: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Stage-2 curve columns: what tells whether GRPO could move the policy (reward signal, KL, entropy, lengths).
+CURVE = ("reward/total", "reward/ndcg", "advantage_std", "zero_std_groups", "grad_norm", "kl", "entropy",
+         "completion_length")
+CURVE_RUNS = {"base": "stage2", "refresh": "stage2_refresh", "hidden": "hidden_stage2"}
+
+
+def stage2_curves(out: Path, rows: list[dict]) -> list[dict]:
+    """Returns per (config, GRPO row) the first- and last-step value of each CURVE metric, mean over seeds,
+    read from the runs' metrics.jsonl."""
+    from rporec_jax.run_log import read_metrics
+
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    for config, seed in sorted({(r["config"], r["seed"]) for r in rows}):
+        for variant, row in CURVE_RUNS.items():
+            run = out / f"{config}-s{seed}" / variant
+            steps = read_metrics(str(run), "stage2") if (run / "metrics.jsonl").exists() else []
+            if steps:
+                groups.setdefault((config, row), []).append((steps[0], steps[-1]))
+    table = []
+    for (config, row), runs in groups.items():
+        entry = {"config": config, "row": row, "seeds": len(runs), "steps": int(runs[0][1]["step"])}
+        for k in CURVE:
+            for when, i in (("first", 0), ("last", 1)):
+                vals = [r[i][k] for r in runs if r[i].get(k) is not None]
+                entry[f"{k}_{when}"] = float(np.mean(vals)) if vals else None
+        table.append(entry)
+    return table
+
+
+def curves_markdown(table: list[dict]) -> str:
+    """Returns the stage-2 curve table: first -> last step of each CURVE metric, mean over seeds."""
+    lines = ["| data | row | seeds | steps | " + " | ".join(CURVE) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(CURVE)]
+    for e in sorted(table, key=lambda e: (e["config"], ORDER.index(e["row"]))):
+        cells = []
+        for k in CURVE:
+            a, b = e[f"{k}_first"], e[f"{k}_last"]
+            cells.append("-" if a is None or b is None else f"{a:.3g} → {b:.3g}")
+        lines.append(f"| {e['config']} | {e['row']} | {e['seeds']} | {e['steps']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", default=["demo", "scientific"])
@@ -137,10 +179,12 @@ def main(argv=None) -> int:
                 with open(rows_path, "a") as fh:  # appended per variant: an interrupted table resumes
                     fh.writelines(json.dumps(r) + "\n" for r in new)
                 rows += new
-    agg = aggregate(rows)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "aggregate": agg, "overrides": args.set}, indent=1))
-    (out / "results.md").write_text(markdown(agg))
-    print(markdown(agg))
+    agg, curves = aggregate(rows), stage2_curves(out, rows)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "aggregate": agg, "stage2_curves": curves,
+                                                  "overrides": args.set}, indent=1))
+    text = markdown(agg) + "\nStage 2, first → last GRPO step (mean over seeds):\n\n" + curves_markdown(curves)
+    (out / "results.md").write_text(text)
+    print(text)
     return 0
 
 
