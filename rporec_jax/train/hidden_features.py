@@ -6,12 +6,15 @@ text, so users and items live in the same LLM space before the Rechead's trainab
 
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import Optional, Sequence
 
 import jax
 import numpy as np
 
 from rporec_jax import sharding as shd
+from rporec_jax.cache import cache_dir
 
 
 def last_hidden_states(model, token_lists: Sequence[Sequence[int]], batch_size: int = 16,
@@ -64,12 +67,29 @@ def user_token_lists(ds, split: str, model, cot: Optional[dict] = None, limit: O
     return out
 
 
-def item_hidden_matrix(model, item_texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-    """Returns `[items + 1, hidden]` LLM states of every item text (row 0, padding, is zero)."""
+def item_hidden_matrix(model, item_texts: Sequence[str], batch_size: int = 32, use_cache: bool = True) -> np.ndarray:
+    """Returns `[items + 1, hidden]` LLM states of every item text (row 0, padding, is zero), cached under
+    `$RPOREC_CACHE_DIR/item_hidden/<model fingerprint + texts>.npy`: the frozen backbone's item states do not
+    depend on the seed, and a catalogue takes minutes on a CPU."""
+    from rporec_jax.train.cot import model_fingerprint
+
+    path = None
+    if use_cache:
+        h = hashlib.sha256(model_fingerprint(model).encode())
+        for t in item_texts[1:]:
+            h.update(t.encode() + b"\0")
+        path = cache_dir("item_hidden") / f"{h.hexdigest()[:20]}.npy"
+        if path.exists():
+            return np.load(path)
     tok = model.tokenizer
     lists = [tok(t, add_special_tokens=False)["input_ids"][:1024] or [tok.eos_token_id] for t in item_texts[1:]]
     states = last_hidden_states(model, lists, batch_size)
-    return np.concatenate([np.zeros((1, states.shape[1]), np.float32), states])
+    out = np.concatenate([np.zeros((1, states.shape[1]), np.float32), states])
+    if path is not None and jax.process_index() == 0:
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, out)
+        os.replace(tmp, path)
+    return out
 
 
 def hidden_examples(ds, split: str, model, cot: Optional[dict] = None, limit: Optional[int] = None) -> dict:
