@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=[v[0] for v in VARIANTS])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default="runs/results")
+    ap.add_argument("--report_only", action="store_true",
+                    help="rewrite results.md/json from rows.jsonl (e.g. after runs in several processes); run nothing")
     args = ap.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
     out = Path(args.out)
@@ -170,7 +172,7 @@ def main(argv=None) -> int:
     rows_path = out / "rows.jsonl"
     rows = [json.loads(x) for x in rows_path.read_text().splitlines()] if rows_path.exists() else []
     finished = {(r["config"], r["seed"], r["variant"]) for r in rows}
-    for config in args.configs:
+    for config in [] if args.report_only else args.configs:
         for seed in args.seeds:
             for variant in VARIANTS:
                 if variant[0] not in args.variants or (config, seed, variant[0]) in finished:
