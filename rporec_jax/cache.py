@@ -6,6 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
+
 
 def cache_dir(*parts: str) -> Path:
     """Returns (and creates) `$RPOREC_CACHE_DIR/parts...` (default `~/.cache/rporec_jax`)."""
@@ -21,3 +23,10 @@ def file_fingerprint(path: str | os.PathLike, extra: str = "") -> str:
     st = p.stat()
     key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{extra}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """Writes `array` to `path` (.npy) atomically: a reader never sees a half-written cache entry."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)

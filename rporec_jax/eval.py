@@ -280,11 +280,10 @@ def evaluate(fn: Callable[[dict], Any], batches: Iterable[dict], config: EvalCon
             raise KeyError(f"batch {i}: exclude_history needs a 'history' [B, W] field; got {sorted(batch)}")
         exclude = np.asarray(batch["history"]) if config.exclude_history else None
         out = fn(batch)
-        if item_matrix is not None:  # user vectors come back to the host to be padded
-            out = shd.to_host(out)
         if item_matrix is None:
             n = out.shape[1] - 1 if num_items is None else num_items
         else:
+            out = shd.to_host(out)  # user vectors come back to the host to be padded
             n = num_items
         bad = valid & ((targets < 1) | (targets > n))
         if bad.any():

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from rporec_jax import config as C
 from rporec_jax import sharding as shd

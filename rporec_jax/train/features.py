@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import jax
 import numpy as np
 
-from rporec_jax.cache import cache_dir
+from rporec_jax.cache import cache_dir, save_array
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,5 @@ def item_matrix(encoder, item_texts: Sequence[str], max_len: int = 256, batch_si
     vecs = encode_texts(encoder, texts, batch_size=batch_size, max_len=max_len)
     out = np.concatenate([np.zeros((1, vecs.shape[1]), np.float32), vecs.astype(np.float32)])
     if path is not None:
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, out)
-        os.replace(tmp, path)
+        save_array(path, out)
     return out

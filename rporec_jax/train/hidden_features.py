@@ -7,14 +7,13 @@ text, so users and items live in the same LLM space before the Rechead's trainab
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Optional, Sequence
 
 import jax
 import numpy as np
 
 from rporec_jax import sharding as shd
-from rporec_jax.cache import cache_dir
+from rporec_jax.cache import cache_dir, save_array
 
 
 def last_hidden_states(model, token_lists: Sequence[Sequence[int]], batch_size: int = 16,
@@ -86,9 +85,7 @@ def item_hidden_matrix(model, item_texts: Sequence[str], batch_size: int = 32, u
     states = last_hidden_states(model, lists, batch_size)
     out = np.concatenate([np.zeros((1, states.shape[1]), np.float32), states])
     if path is not None and jax.process_index() == 0:
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, out)
-        os.replace(tmp, path)
+        save_array(path, out)
     return out
 
 
