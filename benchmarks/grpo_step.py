@@ -29,6 +29,7 @@ multi-threaded decode slows down by an order of magnitude (the output warns when
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -174,6 +175,9 @@ def run_trl(args, hf_dir, prompts, workdir):
             raise RuntimeError("TRL's tokenizer encodes the prompt text differently from ours")
 
     log = {"rollout": [], "reward": [], "lengths": [], "tokens": []}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    # float32 matmuls in TF32 on a GPU, as JAX does there by default (torch's default is full float32)
+    torch.backends.cuda.matmul.allow_tf32 = True
 
     class TimedGRPOTrainer(GRPOTrainer):
         def _generate(self, prompts_):
@@ -196,9 +200,11 @@ def run_trl(args, hf_dir, prompts, workdir):
             self.t0, self.steps, self.threads = None, [], []
 
         def on_step_begin(self, a, state, control, **kw):
+            sync()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
+            sync()
             self.steps.append(time.perf_counter() - self.t0)
             k = len(self.steps) - 1
             progress(f"trl step {k}: {self.steps[-1]:.2f} s (rollout {log['rollout'][k]:.2f}, reward "
@@ -209,13 +215,16 @@ def run_trl(args, hf_dir, prompts, workdir):
         return [-abs(len(c) - 300) / 300.0 for c in completions]
 
     n = args.new_tokens
+    # transformers renamed `gradient_checkpointing` to `activation_checkpointing` during v5
+    ckpt_arg = "activation_checkpointing" if "activation_checkpointing" in {
+        f.name for f in dataclasses.fields(GRPOConfig)} else "gradient_checkpointing"
     config = GRPOConfig(
         output_dir=os.path.join(workdir, "trl"), per_device_train_batch_size=args.prompts * args.num_samples,
         num_generations=args.num_samples, max_completion_length=n, max_steps=args.warmup + args.steps,
         learning_rate=1e-6, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant", beta=0.001,
         epsilon=0.2, loss_type="grpo", scale_rewards="group", top_entropy_quantile=0.2, num_iterations=1,
         temperature=1.0, top_p=1.0, top_k=0, generation_kwargs={"min_new_tokens": n},
-        bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(), activation_checkpointing=False,
+        bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(), **{ckpt_arg: False},
         gradient_accumulation_steps=1, report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True,
         dataloader_pin_memory=False, shuffle_dataset=False, seed=0,
         model_init_kwargs={"dtype": "float32"})
@@ -228,7 +237,7 @@ def run_trl(args, hf_dir, prompts, workdir):
     ckpt = getattr(trainer.model, "is_activation_checkpointing", None)
     if ckpt is None:  # transformers < 5 names it after gradients
         ckpt = getattr(trainer.model, "is_gradient_checkpointing", False)
-    if trainer.args.activation_checkpointing or ckpt:
+    if getattr(trainer.args, ckpt_arg) or ckpt:
         raise RuntimeError("TRL's activation checkpointing is on; the comparison assumes it off")
     trainer.train()
     rows = []

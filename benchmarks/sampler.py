@@ -1,8 +1,9 @@
 """Sampler throughput: ours vs transformers `generate` (PyTorch) on SmolLM2-135M-Instruct, same process.
 
 Greedy, batch 8, prompt 256 tokens, 128 new tokens (no early stop: stop ids are disabled on both sides),
-same CPU threads. Prints end-to-end tokens/s of both, the ratio, and decode-only tokens/s (a run with one
-new token is subtracted, removing prefill) against the roofline floor: bytes read per decode step
+same CPU threads; on a GPU both sides run on it, float32 matmuls in TF32 on both (JAX's default there).
+Prints end-to-end tokens/s of both, the ratio, and decode-only tokens/s (a run with one new token is
+subtracted, removing prefill) against the roofline floor: bytes read per decode step
 (weights + average KV cache) over the measured memory bandwidth.
 
     python benchmarks/sampler.py [--batch 8 --prompt-len 256 --new-tokens 128 --repeats 3]
@@ -55,20 +56,24 @@ def decode_rate(run, batch, new_tokens):
     return total, batch * (new_tokens - 1) / max(total - prefill, 1e-9), tokens
 
 
-def load_reference(path):
-    """Returns transformers' float32 model read from the same GGUF."""
+def load_reference(path, dtype):
+    """Returns transformers' model read from the same GGUF or HF dir, on the GPU when torch sees one."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=torch.float32).eval()
+    kw = dict(dtype=getattr(torch, dtype))
+    if str(path).endswith(".gguf"):
+        path, kw["gguf_file"] = os.path.dirname(path), os.path.basename(path)
+    model = AutoModelForCausalLM.from_pretrained(path, **kw).eval()
+    return model.to("cuda") if torch.cuda.is_available() else model
 
 
 def run_transformers(ref, prompts, new_tokens, repeats):
     """Returns (median seconds per generate call, generated token ids) for transformers `generate`."""
     import torch
 
-    ids = torch.as_tensor(prompts, dtype=torch.long)
+    ids = torch.as_tensor(prompts, dtype=torch.long, device=ref.device)
+    sync = torch.cuda.synchronize if ref.device.type == "cuda" else (lambda: None)
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
               do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -77,8 +82,9 @@ def run_transformers(ref, prompts, new_tokens, repeats):
         for _ in range(repeats):
             t = time.perf_counter()
             gen = ref.generate(ids, **kw)
+            sync()
             times.append(time.perf_counter() - t)
-    return statistics.median(times), gen[:, ids.shape[1]:].numpy()
+    return statistics.median(times), gen[:, ids.shape[1]:].cpu().numpy()
 
 
 def main():
@@ -118,17 +124,19 @@ def main():
         import torch
 
         torch.set_num_threads(os.cpu_count())
-        ref = load_reference(path)
+        # float32 matmuls in TF32 on both sides on a GPU: JAX's default there; torch's default is full float32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        ref = load_reference(path, args.dtype)
         ref_s, ref_decode, ref_tokens = decode_rate(lambda n: run_transformers(ref, prompts, n, args.repeats),
                                                     args.batch, args.new_tokens)
-        rows.append(("transformers", ref_s, new / ref_s, ref_decode))
+        rows.append((f"transformers/{ref.device.type}", ref_s, new / ref_s, ref_decode))
         agree = float((ours_tokens == ref_tokens).mean())
     print(f"device: {device.platform} ({device.device_kind}), {os.cpu_count()} CPU threads; model {c.model_type} "
           f"{c.num_layers}L/{c.hidden_size}d {args.dtype}; batch {args.batch}, prompt {args.prompt_len}, "
           f"new {args.new_tokens}, greedy; median of {args.repeats}")
-    print(f"{'impl':<14}{'s/call':>10}{'tok/s':>10}{'decode tok/s':>14}")
+    print(f"{'impl':<18}{'s/call':>10}{'tok/s':>10}{'decode tok/s':>14}")
     for name, s, tps, dec in rows:
-        print(f"{name:<14}{s:>10.2f}{tps:>10.1f}{dec:>14.1f}")
+        print(f"{name:<18}{s:>10.2f}{tps:>10.1f}{dec:>14.1f}")
     if not args.skip_reference:
         print(f"ratio ours/transformers: {rows[0][2] / rows[1][2]:.2f}x end-to-end, {rows[0][3] / rows[1][3]:.2f}x "
               f"decode   (greedy tokens agree: {agree:.1%})")
