@@ -65,3 +65,21 @@ def test_bad_split_configs():
         SplitConfig(kind="random")
     with pytest.raises(ValueError, match="sum"):
         SplitConfig(ratios=(0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("kind", ["temporal", "leave_one_out"])
+def test_limited_splits_spread_over_users(kind):
+    """The first N instances of a split (what every limited stage reads) are the latest instances of
+    min(N, users) distinct users, then every user's second latest, and so on."""
+    data = SyntheticConfig(num_users=40, seed=2).load()
+    inst = make_instances(data, SplitConfig(kind=kind, window=5))
+    for s in ("train", "valid", "test"):
+        idx = inst.select(s)
+        assert sorted(idx.tolist()) == np.flatnonzero(inst.split == ("train", "valid", "test").index(s)).tolist()
+        users = inst.user[idx]
+        n_users = len(set(users.tolist()))
+        assert len(set(users[:n_users].tolist())) == n_users  # the first round has every user once
+        assert users[:n_users].tolist() == sorted(users[:n_users].tolist())
+        for u in set(users.tolist()):
+            assert np.all(np.diff(inst.position[idx[users == u]]) < 0)  # each user's latest first
+    assert len(set(inst.user[inst.select("train")[:30]].tolist())) == 30

@@ -49,8 +49,19 @@ class Instances:
         return len(self.target)
 
     def select(self, split: str) -> np.ndarray:
-        """Returns the int64 [n_split] indices of the instances in `split`, in stored order."""
-        return np.flatnonzero(self.split == SPLITS.index(split))
+        """Returns the int64 [n_split] indices of the instances in `split`, users interleaved: every user's
+        latest instance (users in index order), then every user's second latest, and so on.
+
+        Every stage reads "the first N instances" of a split when it is limited; in plain (user, position)
+        order those came from one or two users (MovieLens-100K's first 48 train instances are users 0 and 1's
+        sliding windows), so a limited run measured a couple of users. Interleaved, the first N instances
+        come from min(N, users in the split) distinct users."""
+        idx = np.flatnonzero(self.split == SPLITS.index(split))
+        by_user = idx[np.lexsort((-self.position[idx], self.user[idx]))]  # per user, latest first
+        user = self.user[by_user]
+        starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
+        rank = np.arange(len(user)) - np.repeat(starts, np.diff(np.r_[starts, len(user)]))
+        return by_user[np.lexsort((user, rank))]
 
 
 def make_instances(data: Interactions, cfg: SplitConfig) -> Instances:

@@ -19,7 +19,7 @@ from rporec_jax.data.prompts import PromptBuilder, PromptConfig, instruction_for
 from rporec_jax.data.sources import SOURCES, SourceConfig, SyntheticConfig
 from rporec_jax.data.splits import SPLITS, SplitConfig, instance_stats, make_instances
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: split records stored users-interleaved (`Instances.select`)
 MANIFEST = "manifest.json"
 ITEMS = "items.jsonl"
 
