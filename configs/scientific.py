@@ -49,6 +49,9 @@ def config() -> RunConfig:
             steps=3, batch_size=2, num_samples=4, max_new_tokens=64, prompt_buckets=BUCKETS, length_bucket=32,
             reward=RewardConfig(summary_max_tokens=32, format_gate=False), assume_think_open=True,
             optim=OptimConfig(lr=1e-6, weight_decay=0.0, grad_clip=1.0, total_steps=3),
+            # GRPO prompts from the train instances after stage 1's 48, so the frozen Rechead rewards users it
+            # did not fit (on its own training instances its candidate NDCG was 0.4-0.8: memorised)
+            prompt_offset=48,
         ),
         eval=EvalRunConfig(sasrec_epochs=2),
         limits=LimitsConfig(train=48, valid=16, test=16),

@@ -14,6 +14,7 @@ step k repeats exactly what an uninterrupted run does from k.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from typing import Any, Optional
@@ -46,6 +47,8 @@ class Stage2Config:
     refresh_every: every N steps, train the Rechead on that step's rollouts for `refresh_steps` stage-1 steps
     (0 = frozen Rechead, the reference). length_bucket: completions are trimmed to a multiple of it before the
     update (fewer wasted tokens, a bounded number of compiled shapes).
+    prompt_offset: GRPO prompts are train instances [prompt_offset, prompt_offset + limit); set it to stage 1's
+    train limit so the frozen Rechead rewards users it did not fit (0, the reference, reuses them).
     """
 
     steps: int = 100
@@ -71,6 +74,7 @@ class Stage2Config:
     refresh_every: int = 0
     refresh_steps: int = 1
     refresh_lr: float = 1e-4
+    prompt_offset: int = 0
     log_samples: int = 2
     seed: int = 0
 
@@ -85,10 +89,11 @@ class Stage2Config:
             raise ValueError("Stage2Config.num_samples must be >= 2: group advantages need several samples")
         if not self.temperature > 0:
             raise ValueError(f"Stage2Config.temperature={self.temperature}; GRPO rollouts must sample (> 0)")
-        if self.length_bucket < 1 or self.logprob_chunk < 1 or self.refresh_every < 0 or self.refresh_steps < 1:
+        if (self.length_bucket < 1 or self.logprob_chunk < 1 or self.refresh_every < 0 or self.refresh_steps < 1
+                or self.prompt_offset < 0):
             raise ValueError(f"Stage2Config: length_bucket={self.length_bucket}, logprob_chunk="
                              f"{self.logprob_chunk}, refresh_steps={self.refresh_steps} must be >= 1 and "
-                             f"refresh_every={self.refresh_every} >= 0")
+                             f"refresh_every={self.refresh_every}, prompt_offset={self.prompt_offset} >= 0")
         check_advantage_args(self.num_samples, self.num_samples, self.advantage)
         self.sampling()
 
@@ -214,7 +219,7 @@ class GRPOTrainer:
 
     model: the policy `Model` (its params' placement is the policy's). head/encoder: the Rechead config and its
     text encoder (the frozen E_item tower, also used for R_sim). ds: a PreparedDataset; prompts come from its
-    `train` split (the first `limit` instances when given).
+    `train` split (`limit` instances from `cfg.prompt_offset` when given).
     """
 
     def __init__(self, model, head, encoder, ds, cfg: Stage2Config, mesh: Optional[Mesh] = None,
@@ -229,11 +234,11 @@ class GRPOTrainer:
             raise ValueError(f"stage 2: {rows} rows / {cfg.micro_batches} micro-batches = "
                              f"{rows // cfg.micro_batches} rows per update, not divisible by the mesh's batch "
                              f"size {multiple}; change batch_size, num_samples or micro_batches")
-        self.records = []
-        for k, rec in enumerate(ds.records("train")):
-            if limit is not None and k >= limit:
-                break
-            self.records.append(rec)
+        end = None if limit is None else cfg.prompt_offset + limit
+        self.records = list(itertools.islice(ds.records("train"), cfg.prompt_offset, end))
+        if len(self.records) < cfg.batch_size:
+            raise ValueError(f"stage 2: {len(self.records)} train instances from prompt_offset "
+                             f"{cfg.prompt_offset} (limit {limit}), fewer than batch_size {cfg.batch_size}")
         builder = ds.prompt_builder(model.tokenizer)
         hists = [[h for h in r["history"] if h] for r in self.records]
         self.prompt_ids = [ids for ids, _ in builder.encode(hists)]
