@@ -100,10 +100,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--skip-reference", action="store_true", help="only run ours (e.g. on TPU)")
+    ap.add_argument("--scan-unroll", type=int, default=1,
+                    help="layers per layer-scan iteration (num_layers = no layer loop; see DecoderConfig)")
     args = ap.parse_args()
 
     path = args.model or default_model_path()
-    model = load_model(path, dtype=args.dtype, mesh=make_mesh(devices=jax.devices()[:1]))
+    model = load_model(path, dtype=args.dtype, mesh=make_mesh(devices=jax.devices()[:1]), scan_unroll=args.scan_unroll)
     c = model.config
     rng = np.random.default_rng(0)
     prompts = rng.integers(100, c.vocab_size - 100, (args.batch, args.prompt_len)).astype(np.int32)
@@ -133,7 +135,7 @@ def main():
         agree = float((ours_tokens == ref_tokens).mean())
     print(f"device: {device.platform} ({device.device_kind}), {os.cpu_count()} CPU threads; model {c.model_type} "
           f"{c.num_layers}L/{c.hidden_size}d {args.dtype}; batch {args.batch}, prompt {args.prompt_len}, "
-          f"new {args.new_tokens}, greedy; median of {args.repeats}")
+          f"new {args.new_tokens}, greedy; layer scan unroll {args.scan_unroll}; median of {args.repeats}")
     print(f"{'impl':<18}{'s/call':>10}{'tok/s':>10}{'decode tok/s':>14}")
     for name, s, tps, dec in rows:
         print(f"{name:<18}{s:>10.2f}{tps:>10.1f}{dec:>14.1f}")

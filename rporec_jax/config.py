@@ -69,12 +69,15 @@ class ModelConfig:
     dtype: compute dtype; param_dtype: storage dtype ('' = dtype). GRPO's lr 1e-6 updates vanish in bfloat16
       parameters, so full fine-tuning wants param_dtype='float32'.
     remat: rematerialisation of decoder layers in the update: none | full | dots.
+    scan_unroll: decoder layers per iteration of the layer scan; 0 = all (no layer loop: faster decoding on
+      GPUs, longer compiles; numerically the same program).
     """
 
     path: str = ""
     dtype: str = "float32"
     param_dtype: str = ""
     remat: str = "none"
+    scan_unroll: int = 1
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):
@@ -83,6 +86,8 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name}={v!r}; expected one of {sorted(DTYPES)}")
         if self.remat not in REMAT:
             raise ValueError(f"ModelConfig.remat={self.remat!r}; expected one of {REMAT}")
+        if self.scan_unroll < 0:
+            raise ValueError(f"ModelConfig.scan_unroll={self.scan_unroll}; expected >= 0 (0 = all layers)")
 
 
 @dataclasses.dataclass(frozen=True)

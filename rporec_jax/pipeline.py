@@ -140,7 +140,8 @@ class Pipeline:
             from rporec_jax.models import load_model
 
             model = load_model(backbone, dtype=cfg.backbone.dtype, param_dtype=cfg.backbone.param_dtype or None,
-                               mesh=mesh, strategy=cfg.strategy, remat=cfg.backbone.remat)
+                               mesh=mesh, strategy=cfg.strategy, remat=cfg.backbone.remat,
+                               scan_unroll=cfg.backbone.scan_unroll)
         if encoder_path == C.TINY_RANDOM:
             from rporec_jax.models.tiny import word_static_encoder
 

@@ -98,3 +98,26 @@ def test_bfloat16_compute_is_close_to_float32(model):
     b = np.asarray(bf16.apply(model.params, tokens)).astype(np.float32)
     assert bf16.apply(model.params, tokens).dtype == jnp.bfloat16
     assert np.max(np.abs(a - b)) / np.max(np.abs(a)) < 5e-2
+
+
+def test_unrolled_layer_scan_keeps_values_gradients_and_decoding(model):
+    from rporec_jax.sampling import Sampler, SamplingConfig
+
+    unrolled = Model(CONFIG.replace(scan_unroll=0), model.params, mesh=model.mesh)  # 0 = all layers
+    tokens = np.arange(1, 9, dtype=np.int32)[None]
+    hlo = lambda m: jax.jit(m.apply).lower(model.params, tokens).as_text()  # noqa: E731
+    assert "stablehlo.while" in hlo(model) and "stablehlo.while" not in hlo(unrolled)  # no layer loop left
+    np.testing.assert_allclose(np.asarray(unrolled.apply(model.params, tokens)),
+                               np.asarray(model.apply(model.params, tokens)), atol=1e-6, rtol=1e-5)
+    g0 = jax.grad(lambda p: jnp.mean(model.apply(p, tokens) ** 2))(model.params)
+    g1 = jax.grad(lambda p: jnp.mean(unrolled.apply(p, tokens) ** 2))(model.params)
+    for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0.0, prompt_buckets=(8,))
+    prompts = [[3, 4, 5], [7, 8, 9, 10, 11]]
+    want = Sampler(model, cfg, stop_ids=[-1]).generate(prompts, jax.random.key(0))
+    got = Sampler(unrolled, cfg, stop_ids=[-1]).generate(prompts, jax.random.key(0))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    with pytest.raises(ValueError, match="scan_unroll"):
+        CONFIG.replace(scan_unroll=CONFIG.num_layers + 1)

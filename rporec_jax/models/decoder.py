@@ -207,6 +207,7 @@ class Decoder(nn.Module):
             layer = nn.remat(layer, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
         self.layers = nn.scan(
             layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_layers,
+            unroll=c.scan_unroll or c.num_layers,
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),  # past_kv scanned per layer
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c)
