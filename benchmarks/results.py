@@ -34,6 +34,10 @@ VARIANTS = (
     ("hidden", ["rechead.variant=hidden_state"], "stage1,stage2,eval", ("cot",),
      {"stage1": "hidden_stage1", "stage2": "hidden_stage2"}),
 )
+# Run only when named in --variants: does GRPO change the stage-1 rows once the policy moves (100x the lr)?
+ABLATIONS = (
+    ("lr1e-4", ["stage2.optim.lr=1e-4"], "stage2,eval", ("cot", "stage1"), {"stage2": "stage2_lr1e-4"}),
+)
 
 
 def run_variant(config: str, seed: int, variant, out: Path, extra: list[str]) -> list[dict]:
@@ -93,7 +97,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-ORDER = ("popular", "sasrec", "prompt_only", "stage1", "stage2", "stage2_refresh", "hidden_stage1", "hidden_stage2")
+ORDER = ("popular", "sasrec", "prompt_only", "stage1", "stage2", "stage2_refresh", "stage2_lr1e-4", "hidden_stage1",
+         "hidden_stage2")
 
 
 def markdown(agg: list[dict]) -> str:
@@ -117,7 +122,7 @@ def markdown(agg: list[dict]) -> str:
 # Stage-2 curve columns: what tells whether GRPO could move the policy (reward signal, KL, entropy, lengths).
 CURVE = ("reward/total", "reward/ndcg", "advantage_std", "zero_std_groups", "grad_norm", "kl", "entropy",
          "completion_length")
-CURVE_RUNS = {"base": "stage2", "refresh": "stage2_refresh", "hidden": "hidden_stage2"}
+CURVE_RUNS = {"base": "stage2", "refresh": "stage2_refresh", "lr1e-4": "stage2_lr1e-4", "hidden": "hidden_stage2"}
 
 
 def stage2_curves(out: Path, rows: list[dict]) -> list[dict]:
@@ -160,7 +165,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", default=["demo", "scientific"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=[v[0] for v in VARIANTS])
+    ap.add_argument("--variants", nargs="+", default=[v[0] for v in VARIANTS],
+                    help=f"default: all but the ablations {[v[0] for v in ABLATIONS]}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default="runs/results")
     ap.add_argument("--report_only", action="store_true",
@@ -174,7 +180,7 @@ def main(argv=None) -> int:
     finished = {(r["config"], r["seed"], r["variant"]) for r in rows}
     for config in [] if args.report_only else args.configs:
         for seed in args.seeds:
-            for variant in VARIANTS:
+            for variant in VARIANTS + ABLATIONS:
                 if variant[0] not in args.variants or (config, seed, variant[0]) in finished:
                     continue
                 new = [{**r, "variant": variant[0]} for r in run_variant(config, seed, variant, out, args.set)]
