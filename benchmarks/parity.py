@@ -7,10 +7,11 @@ GPU): max |logit difference| / max |logit| in full float32 and with each side's 
 from __future__ import annotations
 
 import argparse
-import os
 
 import jax
 import numpy as np
+
+from sampler import load_reference  # the same transformers model, on the GPU when torch sees one
 
 
 def main():
@@ -23,15 +24,11 @@ def main():
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM
 
     path = args.model or default_model_path()
-    kw = {"dtype": torch.float32}
-    if str(path).endswith(".gguf"):
-        path, kw["gguf_file"] = os.path.dirname(path), os.path.basename(path)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    ref = AutoModelForCausalLM.from_pretrained(path, **kw).eval().to(dev)
-    ours = load_model(args.model or default_model_path(), dtype="float32", mesh=make_mesh(devices=jax.devices()[:1]))
+    ref = load_reference(path, "float32")
+    dev = ref.device
+    ours = load_model(path, dtype="float32", mesh=make_mesh(devices=jax.devices()[:1]))
     ids = np.random.default_rng(1).integers(100, ours.config.vocab_size - 100, (2, 128)).astype(np.int32)
     print(f"ours on {jax.devices()[0].device_kind}, transformers on {dev}; 2 x 128 random token ids")
     for mode in ("highest", "default"):
