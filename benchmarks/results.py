@@ -9,6 +9,10 @@ Per (config, seed) it runs, in run directories under --out:
   refresh     stage2 + eval with the Rechead refresh (reuses base's CoT and stage-1 Rechead)   row stage2_refresh
   hidden      stage1 + stage2 + eval with the hidden_state Rechead (reuses base's CoT)
               rows hidden_stage1, hidden_stage2
+and, only when named in --variants (ABLATIONS):
+  lr1e-4      stage2 + eval at 100x the reference lr (reuses base's CoT and stage-1 Rechead)   row stage2_lr1e-4
+  all_users   prompt_only stage1 + most-popular + SASRec on every valid/test user   rows *_all
+  train4096   prompt_only stage1 fit on 4,096 train instances, every valid/test user   row prompt_only_train4096_all
 and writes mean +- std over seeds, wall time and device per row to `<out>/results.md` and `results.json`.
 Any `--set KEY=VALUE` applies to every run (e.g. smaller limits for a quick pass).
 """
@@ -34,10 +38,30 @@ VARIANTS = (
     ("hidden", ["rechead.variant=hidden_state"], "stage1,stage2,eval", ("cot",),
      {"stage1": "hidden_stage1", "stage2": "hidden_stage2"}),
 )
+ALL_USERS = ["rechead.variant=prompt_only", "limits.valid=0", "limits.test=0"]
 # Run only when named in --variants: does GRPO change the stage-1 rows once the policy moves (100x the lr)?
 ABLATIONS = (
     ("lr1e-4", ["stage2.optim.lr=1e-4"], "stage2,eval", ("cot", "stage1"), {"stage2": "stage2_lr1e-4"}),
+    # The rows that need no CoT, on every valid/test user (16 users resolve nothing), and the Rechead fit on
+    # 4,096 train instances instead of 48 (3 epochs x 256 steps of batch 16): does it generalise given data?
+    ("all_users", [*ALL_USERS, "eval.baselines=popular,sasrec"], "stage1,eval", (),
+     {"stage1": "prompt_only_all", "popular": "popular_all", "sasrec": "sasrec_all"}),
+    ("train4096", [*ALL_USERS, "limits.train=4096", "stage1.epochs=3", "stage1.optim.total_steps=768"], "stage1",
+     (), {"stage1": "prompt_only_train4096_all"}),
 )
+
+
+def variant_config(config: str, seed: int, variant, extra: list[str]):
+    """Returns the validated RunConfig of one (config, seed, variant): every seed set to `seed`, then `extra`,
+    then the variant's overrides and stages. Variants run no baselines unless their overrides name some."""
+    from rporec_jax import config as C
+
+    name, overrides, stages, _, _ = variant
+    own_baselines = [] if name == "base" else ["eval.baselines="]
+    cfg = C.load_config(config, [f"seed={seed}", f"stage1.seed={seed}", f"stage2.seed={seed}", f"cot.seed={seed}",
+                                 *extra, *own_baselines, *overrides, f"stages={stages}"])
+    C.validate(cfg)
+    return cfg
 
 
 def run_variant(config: str, seed: int, variant, out: Path, extra: list[str]) -> list[dict]:
@@ -45,12 +69,8 @@ def run_variant(config: str, seed: int, variant, out: Path, extra: list[str]) ->
     from rporec_jax import config as C
     from rporec_jax.pipeline import Pipeline
 
-    name, overrides, stages, reuse, rename = variant
-    cfg = C.load_config(config, [f"seed={seed}", f"stage1.seed={seed}", f"stage2.seed={seed}", f"cot.seed={seed}",
-                                 *extra, *overrides, f"stages={stages}"])
-    if name != "base":  # baselines are the base run's rows
-        cfg = C.apply_overrides(cfg, ["eval.baselines="])
-    C.validate(cfg)
+    name, _, _, reuse, rename = variant
+    cfg = variant_config(config, seed, variant, extra)
     run_dir = out / f"{config}-s{seed}" / name
     base = out / f"{config}-s{seed}" / "base"
     resume = (run_dir / "progress.json").exists()
@@ -98,7 +118,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 ORDER = ("popular", "sasrec", "prompt_only", "stage1", "stage2", "stage2_refresh", "stage2_lr1e-4", "hidden_stage1",
-         "hidden_stage2")
+         "hidden_stage2", "popular_all", "sasrec_all", "prompt_only_all", "prompt_only_train4096_all")
 
 
 def markdown(agg: list[dict]) -> str:
