@@ -30,18 +30,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rporec_jax.data.ranges import Range, range_error
 from rporec_jax.data.sources import SOURCES, LCRecConfig
 from rporec_jax.data.splits import SPLITS
 from rporec_jax.data.storage import DataConfig, config_to_dict
 from rporec_jax.distributed import DistributedConfig
+from rporec_jax.distributed import detect as detect_distributed
 from rporec_jax.eval import EvalConfig
+from rporec_jax.grpo_loss import GRPOLossConfig
 from rporec_jax.models.decoder_config import DTYPES
 from rporec_jax.models.rechead import RecheadConfig
 from rporec_jax.models.text_encoder import KINDS as ENCODER_KINDS
+from rporec_jax.rewards import RewardConfig
 from rporec_jax.sharding import MESH_AXES, STRATEGIES, MeshConfig
 from rporec_jax.train.cot import CoTConfig
 from rporec_jax.train.stage1 import Stage1Config
 from rporec_jax.train.stage2 import Stage2Config
+from rporec_jax.train.state import OptimConfig
 
 STAGES = ("cot", "stage1", "stage2", "eval")
 BASELINES = ("popular", "sasrec")
@@ -480,6 +485,9 @@ def _set(obj, parts: list[str], raw: str, key: str, done: tuple[str, ...] = ()) 
                           f"its fields instead ({key}.FIELD=VALUE; fields: {fields})")
     else:
         new = _parse(raw, hint, key)
+        # Before the section's own checks, some of which would crash (not refuse) on e.g. a zero divisor.
+        if (rng := field_ranges(type(obj)).get(name)) and (msg := rng.violation(key, new)):
+            raise ConfigError(msg)
     try:
         return dataclasses.replace(obj, **{name: new})
     except ConfigError:
@@ -572,6 +580,8 @@ def _build(cls, d: Any, prefix: str) -> Any:
             raise ConfigError(f"unknown key {key!r}{_suggest(k, names)}; valid keys of {cls.__name__}: "
                               f"{', '.join(names)}")
         kwargs[k] = _value(v, hints[k], key)
+        if (rng := field_ranges(cls).get(k)) and (msg := rng.violation(key, kwargs[k])):
+            raise ConfigError(msg)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
@@ -601,6 +611,61 @@ def config_diff(a: RunConfig, b: RunConfig) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- validation
+
+_POS, _NONNEG, _SEED = Range(1), Range(0), Range(0)
+_FRACTION, _OPEN_FRACTION = Range(0, 1), Range(0, 1, lo_open=True)
+_POSITIVE, _FINITE = Range(0, lo_open=True), Range()
+_DECODING = {"num_samples": _POS, "max_new_tokens": _POS, "top_p": _OPEN_FRACTION,
+             "top_k": Range(0, note="0 = off"), "prompt_buckets": _POS, "seed": _SEED}
+
+# The valid range of every numeric field of the sections defined outside rporec_jax/data (those carry their own
+# `RANGES`); `validate` checks them all with the field's dotted path. A new numeric field needs an entry here
+# (tests/test_config.py checks that every one has).
+RANGES: dict[type, dict[str, Range]] = {
+    RunConfig: {"seed": _SEED},
+    ModelConfig: {"scan_unroll": Range(0, note="0 = all layers")},
+    MeshConfig: {a: Range(-1, note="-1 = all remaining devices") for a in MESH_AXES},
+    CoTConfig: {**_DECODING, "temperature": Range(0, note="0 = greedy"), "batch_size": _POS, "shard_size": _POS},
+    RecheadConfig: {"dim": _POS, "vocab_size": Range(0, note="0 = the encoder's"),
+                    "mlp_hidden": Range(0, note="0 = dim"), "encoder_layers": _NONNEG, "encoder_heads": _POS, "encoder_ffn": _POS,
+                    "dropout": Range(0, 1, hi_open=True), "gate_scale": _FINITE, "leaky_slope": _FINITE,
+                    "ln_eps": _POSITIVE, "input_dim": Range(0, note="0 = the backbone's hidden size")},
+    Stage1Config: {"batch_size": _POS, "epochs": _POS, "seed": _SEED, "log_every": _POS,
+                   "eval_every": Range(0, note="0 = at the end of every epoch")},
+    OptimConfig: {"lr": _POSITIVE, "weight_decay": _NONNEG, "warmup_steps": _NONNEG, "total_steps": _POS,
+                  "end_lr_fraction": _FRACTION, "grad_clip": Range(0, note="0 = no clipping"),
+                  "b1": Range(0, 1, hi_open=True), "b2": Range(0, 1, hi_open=True)},
+    Stage2Config: {**_DECODING, "steps": _NONNEG, "batch_size": _POS, "num_samples": Range(2), "temperature": _POSITIVE,
+                   "advantage_eps": _NONNEG, "advantage_ddof": _NONNEG, "micro_batches": _POS, "logprob_chunk": _POS,
+                   "length_bucket": _POS, "refresh_every": Range(0, note="0 = frozen Rechead"),
+                   "refresh_steps": _POS, "refresh_lr": _POSITIVE, "prompt_offset": _NONNEG, "log_samples": _NONNEG},
+    GRPOLossConfig: {"eps_low": _NONNEG, "eps_high": _NONNEG, "beta": _NONNEG, "max_log_ratio": _POSITIVE,
+                     "entropy_quantile": _OPEN_FRACTION, "max_completion_len": _POS},
+    RewardConfig: {**{w: _FINITE for w in ("base", "w_len", "w_ndcg", "w_comp", "w_sim", "w_ent", "r2ec_ndcg",
+                                           "r2ec_prob")},
+                   "length_scale": _POSITIVE, "sim_threshold": Range(-1, 1), "entropy_quantile": _OPEN_FRACTION,
+                   "summary_max_tokens": _POS},
+    EvalRunConfig: {"policy_max_new_tokens": Range(0, note="0 = stage2.max_new_tokens"), "sasrec_epochs": _POS},
+    EvalConfig: {"ks": _POS},
+    LimitsConfig: {s: Range(0, note="0 = the whole split") for s in SPLITS},
+    CheckpointConfig: {"every_steps": Range(0, note="0 = only at the end of a stage"), "keep_last": _POS},
+    DistributedConfig: {"num_processes": Range(0, note="0 = not set here"),
+                        "process_id": Range(-1, note="-1 = not set here"), "local_device_ids": _NONNEG,
+                        "timeout_s": _POS},
+}
+
+
+def field_ranges(cls: type) -> dict[str, Range]:
+    """Returns {field: Range} of a config section class (its own `RANGES`, or this module's table)."""
+    return {**getattr(cls, "RANGES", {}), **RANGES.get(cls, {})}
+
+
+def _check_ranges(obj: Any, prefix: str = "") -> None:
+    if msg := range_error(obj, field_ranges(type(obj)), prefix):
+        raise ConfigError(msg)
+    for f in dataclasses.fields(obj):
+        if dataclasses.is_dataclass(v := getattr(obj, f.name)):
+            _check_ranges(v, f"{prefix}{f.name}.")
 
 def _isinstance(v: Any, hint) -> bool:
     if hint is bool:
@@ -643,6 +708,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not isinstance(cfg, RunConfig):
         raise ConfigError(f"expected a RunConfig, got {type(cfg).__name__}")
     _check_types(cfg)
+    _check_ranges(cfg)
     if not cfg.name.strip():
         raise ConfigError("name is empty; set name=SOMETHING (it names the run directory)")
     try:
@@ -654,6 +720,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"mesh={dict(zip(MESH_AXES, sizes))}: sizes must be positive, with at most one -1 "
                           f"('all remaining devices'); e.g. mesh.data=-1 mesh.fsdp=8, or mesh_preset=NAME "
                           f"({', '.join(MESH_PRESETS)})")
+    d = cfg.distributed
+    if d.coordinator_address or d.num_processes > 0 or d.process_id >= 0:
+        try:  # explicit settings never read the environment, so this checks the config alone
+            detect_distributed(d, environ={})
+        except ValueError as e:
+            raise ConfigError(f"distributed: {e}") from None
+    if cfg.stage2.advantage_ddof >= cfg.stage2.num_samples:
+        raise ConfigError(f"stage2.advantage_ddof={cfg.stage2.advantage_ddof}: must be < stage2.num_samples="
+                          f"{cfg.stage2.num_samples} (the group std divides by num_samples - ddof)")
     if isinstance(cfg.data.source, LCRecConfig) and cfg.data.split.kind == "temporal":
         raise ConfigError("data.split.kind='temporal' needs timestamps, which LC-Rec data has not; set "
                           "data.split.kind=leave_one_out")
@@ -755,6 +830,6 @@ def resolve_rechead(rechead: RecheadConfig, vocab_size: int, dim: int) -> Rechea
 __all__ = [
     "BASELINES", "MESH_PRESETS", "POLICY_DECODING", "STAGES", "TINY_RANDOM", "CheckpointConfig", "ConfigError",
     "EncoderConfig", "EvalRunConfig", "LimitsConfig", "MeshPreset", "ModelConfig", "RunConfig", "apply_mesh_preset",
-    "apply_overrides", "available_configs", "config_diff", "config_dirs", "from_dict", "load_config",
+    "apply_overrides", "available_configs", "config_diff", "config_dirs", "field_ranges", "from_dict", "load_config",
     "resolve_backbone_path", "resolve_encoder_path", "resolve_rechead", "to_dict", "validate",
 ]

@@ -2,7 +2,11 @@
 
 import dataclasses
 import json
+import math
 import os
+import subprocess
+import sys
+import typing
 
 import pytest
 
@@ -17,6 +21,7 @@ from rporec_jax.config import (
     apply_overrides,
     available_configs,
     config_diff,
+    field_ranges,
     from_dict,
     load_config,
     resolve_backbone_path,
@@ -25,6 +30,7 @@ from rporec_jax.config import (
     validate,
 )
 from rporec_jax.data import LCRecConfig, MovieLensConfig
+from rporec_jax.data.sources import SOURCES
 from rporec_jax.models.rechead import RecheadConfig
 from rporec_jax.sharding import MeshConfig
 
@@ -132,7 +138,7 @@ def test_bad_value_names_key_value_and_type(base):
 
 
 def test_post_init_errors_are_prefixed_with_the_key(base):
-    with pytest.raises(ConfigError, match=r"^stage2\.num_samples=1: .*num_samples must be >= 2"):
+    with pytest.raises(ConfigError, match=r"^stage2\.num_samples=1: must be >= 2"):
         apply_overrides(base, ["stage2.num_samples=1"])
     with pytest.raises(ConfigError, match=r"^data\.split\.kind=random: split kind must be"):
         apply_overrides(base, ["data.split.kind=random"])
@@ -165,6 +171,70 @@ def test_validate_cross_field_checks(base):
         validate(apply_overrides(base, ["encoder.kind=bert"]))
     with pytest.raises(ConfigError, match=r"stages=\['cot'\].*use a tuple"):
         validate(dataclasses.replace(base, stages=["cot"]))
+
+
+def _numeric_fields(cls, prefix=""):
+    """Yields (dotted key, source kind or None, element type, Range or None) of every numeric field under `cls`."""
+    for f in dataclasses.fields(cls):
+        hint, key = typing.get_type_hints(cls)[f.name], f"{prefix}{f.name}"
+        if f.name == "source" and cls.__name__ == "DataConfig":
+            for kind, src in SOURCES.items():
+                yield from ((k, kind, t, r) for k, _, t, r in _numeric_fields(src, f"{key}."))
+            continue
+        if dataclasses.is_dataclass(hint):
+            yield from _numeric_fields(hint, f"{key}.")
+            continue
+        if typing.get_origin(hint) in (typing.Union, type(int | None)):  # X | None
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        if hint is tuple:
+            elem = int  # distributed.local_device_ids, an untyped tuple of device ids
+        elif typing.get_origin(hint) is tuple:
+            elem = typing.get_args(hint)[0]
+        else:
+            elem = hint
+        if elem in (int, float):
+            yield key, None, elem, field_ranges(cls).get(f.name)
+
+
+def test_every_numeric_field_has_a_range_and_out_of_range_values_are_refused(base):
+    fields = list(_numeric_fields(RunConfig))
+    assert len(fields) > 90 and not [k for k, _, _, r in fields if r is None]
+    for key, kind, elem, rng in fields:
+        cfg = apply_overrides(base, [f"data.source={kind}"]) if kind else base
+        bad = [math.nan] if elem is float else []
+        if rng.lo is not None:
+            bad.append(rng.lo if rng.lo_open else rng.lo - 1)
+        if rng.hi is not None:
+            bad.append(rng.hi if rng.hi_open else rng.hi + 1)
+        for v in bad:
+            raw = str(elem(v)) if not math.isnan(v) else "nan"
+            with pytest.raises(ConfigError) as e:
+                validate(apply_overrides(cfg, [f"{key}={raw}"]))
+            assert str(e.value).startswith(f"{key}="), (key, raw, str(e.value))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("stage1.batch_size=0", "stage1.batch_size=0: must be >= 1"),
+    ("stage1.batch_size=-1", "stage1.batch_size=-1: must be >= 1"),
+    ("data.num_negatives=-3", "data.num_negatives=-3: must be >= 0 (0 = none stored)"),
+    ("stage2.optim.lr=-1", "stage2.optim.lr=-1.0: must be > 0"),
+    ("stage2.loss.beta=nan", "stage2.loss.beta=nan: must be >= 0"),
+    ("stage2.advantage_ddof=4", "stage2.advantage_ddof=4: must be < stage2.num_samples=4"),
+    ("distributed.process_id=3", "distributed: multi-process settings are incomplete: process_id set"),
+])
+def test_issue_examples_name_the_field_and_range(base, override, message):
+    with pytest.raises(ConfigError) as e:
+        validate(apply_overrides(base, [override]))
+    assert str(e.value).startswith(message)
+
+
+def test_launch_refuses_a_bad_value_before_any_work(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "rporec_jax.launch", "--config", "synthetic", "--set",
+                           "stage1.batch_size=0", "--run_dir", str(run)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "[launch] error: stage1.batch_size=0: must be >= 1" and not proc.stdout
+    assert not run.exists()
 
 
 def test_dict_round_trip_and_diff(base):

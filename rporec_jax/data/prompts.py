@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
+
+from rporec_jax.data.ranges import Range, check_ranges
 
 _FORMAT = (
     "First think step by step inside <think></think>: briefly analyse the user's preferences and how they change "
@@ -49,6 +51,11 @@ class PromptConfig:
     system_role: str = "system"
     max_prompt_tokens: int = 1024
     max_item_chars: int = 0
+
+    RANGES: ClassVar[dict[str, Range]] = {"max_prompt_tokens": Range(1), "max_item_chars": Range(0, note="0 = off")}
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 def instruction_for(dataset: str, cfg: PromptConfig) -> str:

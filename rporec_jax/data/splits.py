@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 
 from rporec_jax.data.interactions import Interactions, _quantiles
+from rporec_jax.data.ranges import Range, check_ranges
 
 SPLITS = ("train", "valid", "test")
 
@@ -19,12 +21,13 @@ class SplitConfig:
     window: int = 20
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
 
+    RANGES: ClassVar[dict[str, Range]] = {"window": Range(1), "ratios": Range(0, 1)}
+
     def __post_init__(self):
         if self.kind not in ("temporal", "leave_one_out"):
             raise ValueError(f"split kind must be 'temporal' or 'leave_one_out', got {self.kind!r}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if len(self.ratios) != 3 or abs(sum(self.ratios) - 1.0) > 1e-6 or min(self.ratios) < 0:
+        check_ranges(self)
+        if len(self.ratios) != 3 or abs(sum(self.ratios) - 1.0) > 1e-6:
             raise ValueError(f"ratios must be 3 non-negative numbers summing to 1, got {self.ratios}")
 
 

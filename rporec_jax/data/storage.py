@@ -10,11 +10,12 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 
 from rporec_jax.data.interactions import interaction_stats, _quantiles
 from rporec_jax.data.negatives import instance_rng, sample_negatives
+from rporec_jax.data.ranges import Range, check_ranges
 from rporec_jax.data.prompts import PromptBuilder, PromptConfig, instruction_for, tokenizer_fingerprint
 from rporec_jax.data.sources import SOURCES, SourceConfig, SyntheticConfig
 from rporec_jax.data.splits import SPLITS, SplitConfig, instance_stats, make_instances
@@ -39,6 +40,13 @@ class DataConfig:
     num_negatives: int = 49
     seed: int = 0
     records_per_shard: int = 100_000
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "num_negatives": Range(0, note="0 = none stored"), "seed": Range(0), "records_per_shard": Range(1),
+    }
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 def config_to_dict(cfg: DataConfig) -> dict:

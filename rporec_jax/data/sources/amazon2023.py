@@ -8,9 +8,11 @@ import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
+from typing import ClassVar
 
 from rporec_jax.data.interactions import Interactions, build_interactions
 from rporec_jax.data.items import clean_text, item_msg
+from rporec_jax.data.ranges import Range, check_ranges
 from rporec_jax.data.rows import RowReport
 from rporec_jax.data.sources._io import download, iter_lines
 
@@ -31,6 +33,20 @@ class Amazon2023Config:
     max_title_words: int = 50
     download: bool = True
     skip_bad_rows: bool = False
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "min_items": Range(0, note="0 = never widen the window"), "widen_months": Range(1),
+        "max_title_words": Range(1),
+    }
+
+    def __post_init__(self):
+        check_ranges(self)
+        for name in ("window_start", "window_end"):
+            try:
+                dt.date.fromisoformat(getattr(self, name))
+            except ValueError:
+                raise ValueError(f"Amazon2023Config.{name}={getattr(self, name)!r}: expected a date YYYY-MM-DD") \
+                    from None
 
     @property
     def name(self) -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import ClassVar
 
 from rporec_jax.data.interactions import Interactions, build_interactions
 from rporec_jax.data.items import clean_text, item_msg
+from rporec_jax.data.ranges import Range, check_ranges
 from rporec_jax.data.rows import DataError, RowReport
 
 
@@ -19,6 +21,11 @@ class LCRecConfig:
     prefix: str = ""
     max_description_chars: int = 500
     skip_bad_rows: bool = False
+
+    RANGES: ClassVar[dict[str, Range]] = {"max_description_chars": Range(1)}
+
+    def __post_init__(self):
+        check_ranges(self)
 
     @property
     def name(self) -> str:

@@ -9,11 +9,13 @@ the next item given the hidden state, the upper bound a recommender can reach.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 
 from rporec_jax.data.interactions import Interactions, build_interactions
 from rporec_jax.data.items import item_msg
+from rporec_jax.data.ranges import Range, check_ranges
 from rporec_jax.data.rows import RowReport
 
 CATEGORIES = ("lamp", "chair", "kettle", "backpack", "guitar", "novel", "sneaker", "watch", "camera", "plant",
@@ -36,11 +38,16 @@ class SyntheticConfig:
     zipf: float = 1.0
     seed: int = 0
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "num_users": Range(1), "num_categories": Range(1, len(CATEGORIES)), "items_per_category": Range(1),
+        "min_len": Range(2), "max_len": Range(2), "stay": Range(0, 1), "noise": Range(0, 1), "zipf": Range(0),
+        "seed": Range(0),
+    }
+
     def __post_init__(self):
-        if not 1 <= self.num_categories <= len(CATEGORIES):
-            raise ValueError(f"num_categories must be in 1..{len(CATEGORIES)}, got {self.num_categories}")
-        if not 2 <= self.min_len <= self.max_len:
-            raise ValueError(f"need 2 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
+        check_ranges(self)
+        if self.min_len > self.max_len:
+            raise ValueError(f"SyntheticConfig.min_len={self.min_len} exceeds max_len={self.max_len}")
 
     @property
     def name(self) -> str:
