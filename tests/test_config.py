@@ -243,7 +243,7 @@ def test_dict_round_trip_and_diff(base):
     assert d["data"]["source"]["kind"] == "movielens"
     assert from_dict(json.loads(json.dumps(d))) == cfg
     assert config_diff(base, cfg) == sorted(["data.source.kind", "data.source.root", "data.source.variant",
-                                             "data.source.download", "data.source.encoding",
+                                             "data.source.download", "data.source.encoding", "data.source.duplicates",
                                              "data.source.skip_bad_rows", "data.source.num_users",
                                              "data.source.num_categories", "data.source.items_per_category",
                                              "data.source.min_len", "data.source.max_len", "data.source.stay",

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+from rporec_jax.data.interactions import DUPLICATES
 from rporec_jax.data.prompts import PromptConfig
 from rporec_jax.data.sources import SOURCES
 from rporec_jax.data.splits import SplitConfig
-from rporec_jax.data.storage import DataConfig, open_dataset, prepare_dataset
+from rporec_jax.data.rows import DataError
+from rporec_jax.data.storage import MANIFEST, DataConfig, open_dataset, prepare_dataset
 
 
 def _source_from_args(args) -> object:
@@ -22,8 +25,10 @@ def _source_from_args(args) -> object:
         kw.update(root=args.root, variant=args.variant)
     else:
         kw.update(seed=args.seed, num_users=args.num_users)
-    if args.source in ("amazon2023", "movielens") and args.no_download:
-        kw["download"] = False
+    if args.source in ("amazon2023", "movielens"):
+        kw["duplicates"] = args.duplicates
+        if args.no_download:
+            kw["download"] = False
     if args.source != "synthetic" and not args.root:
         raise SystemExit(f"--root is required for source {args.source}")
     return SOURCES[args.source](**kw)
@@ -45,9 +50,29 @@ def format_stats(manifest: dict) -> str:
                          f"(dropped {t['history_items_dropped']} history items)")
     rows = manifest["rows"]
     lines.append(f"bad rows skipped {rows['bad_rows']}; filters {json.dumps(rows['filters'])}")
+    if rows.get("duplicate_rows"):
+        action = manifest["config"]["source"].get("duplicates", "keep")
+        lines.append(f"duplicate interaction rows {rows['duplicate_rows']} ({action}, see the source's `duplicates`)")
     for e in rows["bad_row_examples"][:5]:
         lines.append(f"  e.g. {e}")
     return "\n".join(lines)
+
+
+def prepare_hint(folder: str) -> str:
+    """Returns the `prepare` command for the raw source files in `folder`, guessed from the file names."""
+    p = Path(folder)
+    if (p / "u.data").exists() or (p / "u.item").exists():
+        args = "--source movielens"
+    elif (p / "ratings.dat").exists():
+        args = "--source movielens --variant 1m"
+    elif inter := sorted(p.glob("*.inter.json")):
+        prefix = f" --prefix {inter[0].name[: -len('.inter.json')]}" if len(inter) > 1 else ""
+        args = f"--source lcrec{prefix} --split leave_one_out"
+    elif reviews := [r for r in sorted(p.glob("*.csv.gz")) if (p / f"meta_{r.name[:-7]}.jsonl.gz").exists()]:
+        args = f"--source amazon2023 --category {reviews[0].name[:-7]}"
+    else:
+        args = "--source {movielens,lcrec,amazon2023}"
+    return f"python -m rporec_jax.data prepare {args} --root {folder}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--seed", type=int, default=0)
     prep.add_argument("--no-download", action="store_true")
     prep.add_argument("--skip-bad-rows", action="store_true", help="count and report malformed rows, do not fail")
+    prep.add_argument("--duplicates", choices=DUPLICATES, default="drop",
+                      help="MovieLens/Amazon 2023: drop or keep rows repeating a (user, item, time); counted either way")
     prep.add_argument("--split", default="temporal", choices=["temporal", "leave_one_out"])
     prep.add_argument("--window", type=int, default=20)
     prep.add_argument("--tokenizer", default="", help="HF dir or .gguf whose chat template renders prompts")
@@ -74,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("stats", help="print the statistics of a prepared dataset directory")
     st.add_argument("dataset")
     args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
     if args.cmd == "prepare":
         cfg = DataConfig(
             source=_source_from_args(args), split=SplitConfig(kind=args.split, window=args.window),
@@ -84,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         print(path)
     else:
         path = args.dataset
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{path} does not exist; `stats` reads a dataset directory that `prepare` wrote")
+        if not (Path(path) / MANIFEST).exists():
+            print(f"error: {path} is not a prepared dataset (it has no {MANIFEST}); `stats` reads what `prepare` "
+                  f"writes. Prepare it first, then run `stats` on the directory that prepare prints:\n  "
+                  f"{prepare_hint(path)}", file=sys.stderr)
+            return 1
     print(format_stats(open_dataset(path).manifest))
     return 0
 

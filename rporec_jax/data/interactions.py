@@ -9,6 +9,8 @@ import numpy as np
 
 from rporec_jax.data.rows import RowReport
 
+DUPLICATES = ("drop", "keep")
+
 
 @dataclasses.dataclass
 class Interactions:
@@ -52,6 +54,7 @@ def build_interactions(
     has_time: bool = True,
     item_sort_key: Callable[[Hashable], object] | None = None,
     keep_unused_items: bool = False,
+    duplicates: str = "keep",
     extra: dict | None = None,
 ) -> Interactions:
     """Returns `Interactions` from (user, item, timestamp) events already validated by a source.
@@ -59,10 +62,19 @@ def build_interactions(
     Users keep their first-appearance order; each sequence is stably sorted by timestamp, so events with equal
     timestamps keep file order (the reference protocol; MovieLens has many ties). Items are numbered 1..N in
     `item_sort_key` order (default: sorted keys) so ids do not depend on file row order; items nobody interacted
-    with are dropped (and counted) unless `keep_unused_items`.
+    with are dropped (and counted) unless `keep_unused_items`. Events repeating an earlier (user, item, timestamp)
+    are counted in `report.duplicate_rows` and dropped or kept per `duplicates` ('drop' | 'keep').
     """
+    if duplicates not in DUPLICATES:
+        raise ValueError(f"duplicates={duplicates!r}; expected one of {DUPLICATES}")
     per_user: dict[Hashable, list[tuple[int, Hashable]]] = {}
+    seen: set[tuple[Hashable, Hashable, int]] = set()
     for user, item, ts in events:
+        if (user, item, ts) in seen:
+            report.duplicate_rows += 1
+            if duplicates == "drop":
+                continue
+        seen.add((user, item, ts))
         per_user.setdefault(user, []).append((ts, item))
     used = {item for evs in per_user.values() for _, item in evs}
     missing = used - item_texts.keys()

@@ -19,12 +19,15 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class RowReport:
-    """Counts of bad rows skipped and of rows removed by each filter, so nothing is dropped silently."""
+    """Counts of bad rows skipped, of rows removed by each filter, and of duplicate interaction rows (rows
+    repeating an earlier (user, item, time); dropped or kept as the source's `duplicates` says), so nothing is
+    dropped or doubled silently."""
 
     skip_bad_rows: bool = False
     bad_rows: int = 0
     bad_row_examples: list[str] = dataclasses.field(default_factory=list)
     filters: dict[str, int] = dataclasses.field(default_factory=dict)
+    duplicate_rows: int = 0
 
     def bad(self, path: str | os.PathLike, line: int | str | None, field: str | None, message: str) -> None:
         """Returns None after counting a bad row, or raises `DataError` when bad rows are not skipped."""
@@ -39,6 +42,10 @@ class RowReport:
     def removed(self, filter_name: str, count: int) -> None:
         """Returns None after adding `count` rows to the tally of `filter_name` (zero counts are kept too)."""
         self.filters[filter_name] = self.filters.get(filter_name, 0) + int(count)
+
+    def skipped_note(self) -> str:
+        """Returns " (N bad rows skipped)" when rows were skipped, else '' (for messages about what is left)."""
+        return f" ({self.bad_rows} bad rows skipped)" if self.bad_rows else ""
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the report as a JSON-serialisable dict."""

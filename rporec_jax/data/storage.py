@@ -20,7 +20,9 @@ from rporec_jax.data.prompts import PromptBuilder, PromptConfig, instruction_for
 from rporec_jax.data.sources import SOURCES, SourceConfig, SyntheticConfig
 from rporec_jax.data.splits import SPLITS, SplitConfig, instance_stats, make_instances
 
-FORMAT_VERSION = 2  # 2: split records stored users-interleaved (`Instances.select`)
+# 2: split records stored users-interleaved (`Instances.select`); 3: MovieLens/Amazon configs gain `duplicates`
+# (which the fingerprint hashes).
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 ITEMS = "items.jsonl"
 
@@ -140,7 +142,16 @@ def _write(cfg: DataConfig, out: Path, inputs: list[dict], fp: str, tokenizer, l
     t0 = time.time()
     data = cfg.source.load()
     inst = make_instances(data, cfg.split)
-    log(f"loaded {data.name}: {data.num_users} users, {data.num_items} items, {len(inst)} instances "
+    counts = {s: len(inst.select(s)) for s in SPLITS}
+    if not all(counts.values()):
+        # Every stage reads every split; an empty one would fail much later, far from its cause.
+        raise ValueError(f"{', '.join(i['path'] for i in inputs) or data.name}: {data.num_users} users with "
+                         f"{data.num_interactions} interactions give {counts} instances under the "
+                         f"{cfg.split.kind} split; every split needs at least one (a user gives one instance per "
+                         f"interaction after the first)")
+    dups, dropped = data.report.duplicate_rows, getattr(cfg.source, "duplicates", "keep") == "drop"
+    dup_note = f", {dups} duplicate interaction rows {'dropped' if dropped else 'kept'}" if dups else ""
+    log(f"loaded {data.name}: {data.num_users} users, {data.num_items} items, {len(inst)} instances{dup_note} "
         f"({time.time() - t0:.1f}s)")
     with open(out / ITEMS, "w") as f:
         for i, (k, t) in enumerate(zip(data.item_keys, data.item_texts)):

@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 from typing import ClassVar
 
-from rporec_jax.data.interactions import Interactions, build_interactions
+from rporec_jax.data.interactions import DUPLICATES, Interactions, build_interactions
 from rporec_jax.data.items import clean_text, item_msg
 from rporec_jax.data.ranges import Range, check_ranges
-from rporec_jax.data.rows import RowReport
+from rporec_jax.data.rows import DataError, RowReport
 from rporec_jax.data.sources._io import download, iter_lines
 
 BASE_URL = "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_2023"
@@ -22,7 +22,12 @@ REVIEW_COLUMNS = ("user_id", "parent_asin", "rating", "timestamp")
 
 @dataclasses.dataclass(frozen=True)
 class Amazon2023Config:
-    """One Amazon Reviews 2023 category. Files are read from `root` (flat, or the official sub-folders)."""
+    """One Amazon Reviews 2023 category. Files are read from `root` (flat, or the official sub-folders).
+
+    duplicates: 'drop' (default) or 'keep' review rows that repeat an earlier (user, parent_asin, timestamp);
+    counted either way (`RowReport.duplicate_rows`). Meta rows repeating a parent_asin are the reference's
+    `meta_duplicate_asin` filter (first kept, counted).
+    """
 
     category: str = "Musical_Instruments"
     root: str = ""
@@ -33,6 +38,7 @@ class Amazon2023Config:
     max_title_words: int = 50
     download: bool = True
     skip_bad_rows: bool = False
+    duplicates: str = "drop"
 
     RANGES: ClassVar[dict[str, Range]] = {
         "min_items": Range(0, note="0 = never widen the window"), "widen_months": Range(1),
@@ -41,6 +47,8 @@ class Amazon2023Config:
 
     def __post_init__(self):
         check_ranges(self)
+        if self.duplicates not in DUPLICATES:
+            raise ValueError(f"Amazon2023Config.duplicates={self.duplicates!r}; expected one of {DUPLICATES}")
         for name in ("window_start", "window_end"):
             try:
                 dt.date.fromisoformat(getattr(self, name))
@@ -133,6 +141,9 @@ def read_meta(path: Path, cfg: Amazon2023Config, report: RowReport) -> dict[str,
         ])
     for k, v in removed.items():
         report.removed(k, v)
+    if not texts:
+        raise DataError(path, None, None, f"has no item passing the reference filters {removed}"
+                                          f"{report.skipped_note()}")
     return texts
 
 
@@ -169,6 +180,8 @@ def read_reviews(path: Path, report: RowReport) -> list[tuple[str, str, int]]:
         rows.append((user, asin, t))
     if header is None:
         raise ValueError(f"{path}: empty file; expected a CSV header {list(REVIEW_COLUMNS)}")
+    if not rows:
+        raise DataError(path, None, None, f"has no review rows{report.skipped_note()}")
     return rows
 
 
@@ -192,7 +205,10 @@ def load_amazon2023(cfg: Amazon2023Config) -> Interactions:
         start = _minus_months(start, cfg.widen_months)
     windowed = [r for r in kept if start_ms <= r[2] < end_ms]
     report.removed("reviews_outside_window", len(kept) - len(windowed))
+    if not windowed:
+        raise DataError(reviews_path, None, None, f"has no review of a kept item inside "
+                                                  f"[{start.isoformat()}, {cfg.window_end}) {report.filters}")
     return build_interactions(
-        cfg.name, windowed, texts, report,
+        cfg.name, windowed, texts, report, duplicates=cfg.duplicates,
         extra={"window_start": start.isoformat(), "window_end": cfg.window_end},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from pathlib import Path
@@ -54,19 +55,34 @@ class LCRecConfig:
         return load_lcrec(self)
 
 
-def _read_json(path: Path, report: RowReport):
+def _read_json(path: Path, report: RowReport, what: str) -> dict:
+    """Returns the top-level object of `path`; a key given twice (JSON would keep only the last value) is a bad
+    record `what KEY`, skipped entirely under `skip_bad_rows`. An empty object is an error."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(path, line, None, f"is not valid utf-8 ({e.reason} at byte {e.start})") from e
+    # Hooks run innermost object first, so the last call sees the top-level object's keys.
+    dup_calls: list[list[str]] = []
+
+    def pairs(kv: list) -> dict:
+        dup_calls.append([k for k, n in collections.Counter(k for k, _ in kv).items() if n > 1])
+        return dict(kv)
+
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=pairs)
     except json.JSONDecodeError as e:
         raise DataError(path, e.lineno, None, f"is not valid JSON ({e.msg}, column {e.colno})") from e
     if not isinstance(obj, dict):
         raise DataError(path, 1, None, f"expected a JSON object at top level, got {type(obj).__name__}")
+    for key in dup_calls[-1]:
+        report.bad(path, f"{what} {key}", None, "appears more than once (each key must be unique; JSON would keep "
+                                                "only the last)")
+        del obj[key]
+    if not obj:
+        raise DataError(path, None, None, f"has no {what}s{report.skipped_note()}")
     return obj
 
 
@@ -74,7 +90,7 @@ def load_lcrec(cfg: LCRecConfig) -> Interactions:
     """Returns interactions from the two JSON files; bad records name the file, record key and field."""
     report = RowReport(skip_bad_rows=cfg.skip_bad_rows)
     inter_path, item_path = cfg.files()
-    items = _read_json(item_path, report)
+    items = _read_json(item_path, report, "item")
     texts: dict[int, str] = {}
     for key, row in items.items():
         where = f"item {key}"
@@ -82,6 +98,9 @@ def load_lcrec(cfg: LCRecConfig) -> Interactions:
             iid = int(key)
         except ValueError:
             report.bad(item_path, where, None, "item key is not an integer id")
+            continue
+        if iid in texts:
+            report.bad(item_path, where, None, f"item id {iid} is already given by another key")
             continue
         if not isinstance(row, dict):
             report.bad(item_path, where, None, f"expected an object, got {type(row).__name__}")
@@ -99,7 +118,7 @@ def load_lcrec(cfg: LCRecConfig) -> Interactions:
             ("categories", clean_text(row.get("categories", ""))),
             ("description", desc),
         ])
-    inter = _read_json(inter_path, report)
+    inter = _read_json(inter_path, report, "user")
     events = []
     for user, seq in inter.items():
         where = f"user {user}"
@@ -115,4 +134,6 @@ def load_lcrec(cfg: LCRecConfig) -> Interactions:
             report.bad(inter_path, where, None, f"item id {unknown} is not in {item_path.name}")
             continue
         events.extend((user, item, pos) for pos, item in enumerate(seq))
+    if not events:
+        raise DataError(inter_path, None, None, f"has no valid users{report.skipped_note()}")
     return build_interactions(cfg.name, events, texts, report, has_time=False)

@@ -7,9 +7,9 @@ import re
 import zipfile
 from pathlib import Path
 
-from rporec_jax.data.interactions import Interactions, build_interactions
+from rporec_jax.data.interactions import DUPLICATES, Interactions, build_interactions
 from rporec_jax.data.items import item_msg
-from rporec_jax.data.rows import RowReport
+from rporec_jax.data.rows import DataError, RowReport
 from rporec_jax.data.sources._io import download, iter_lines
 
 # Published by GroupLens next to each zip (`<name>.zip.md5`).
@@ -25,17 +25,24 @@ _TITLE_YEAR = re.compile(r"^(.*?)\s*\((\d{4})\)\s*$")
 
 @dataclasses.dataclass(frozen=True)
 class MovieLensConfig:
-    """A GroupLens MovieLens directory (`root` holds u.data/u.item or ratings.dat/movies.dat)."""
+    """A GroupLens MovieLens directory (`root` holds u.data/u.item or ratings.dat/movies.dat).
+
+    duplicates: 'drop' (default) or 'keep' rating rows that repeat an earlier (user, movie, timestamp); counted
+    either way (`RowReport.duplicate_rows`, shown by `stats`). A movie id twice in the movies file is an error.
+    """
 
     root: str = ""
     variant: str = "100k"
     download: bool = True
     encoding: str = "latin-1"
     skip_bad_rows: bool = False
+    duplicates: str = "drop"
 
     def __post_init__(self):
         if self.variant not in ARCHIVES:
             raise ValueError(f"MovieLens variant must be one of {sorted(ARCHIVES)}, got {self.variant!r}")
+        if self.duplicates not in DUPLICATES:
+            raise ValueError(f"MovieLensConfig.duplicates={self.duplicates!r}; expected one of {DUPLICATES}")
 
     @property
     def name(self) -> str:
@@ -74,6 +81,7 @@ def load_movielens(cfg: MovieLensConfig) -> Interactions:
     ratings_path, movies_path = cfg.files()
     v100k = cfg.variant == "100k"
     texts: dict[int, str] = {}
+    first_line: dict[int, int] = {}
     for lineno, line in iter_lines(movies_path, report, cfg.encoding):
         f = line.split("|") if v100k else line.split("::")
         want = 5 + len(GENRES_100K) if v100k else 3
@@ -85,6 +93,11 @@ def load_movielens(cfg: MovieLensConfig) -> Interactions:
         except ValueError:
             report.bad(movies_path, lineno, "movie_id", f"expected an integer, got {f[0]!r}")
             continue
+        if mid in first_line:
+            report.bad(movies_path, lineno, "movie_id", f"movie id {mid} is already on line {first_line[mid]}; "
+                                                        "each id must appear once")
+            continue
+        first_line[mid] = lineno
         if v100k:
             flags = f[5:]
             if any(x not in ("0", "1") for x in flags):
@@ -95,6 +108,8 @@ def load_movielens(cfg: MovieLensConfig) -> Interactions:
             genres = [g for g in f[2].split("|") if g]
         title, year = _split_title(f[1])
         texts[mid] = item_msg([("title", title), ("year", year), ("genres", genres)])
+    if not texts:
+        raise DataError(movies_path, None, None, f"has no movie rows{report.skipped_note()}")
     events = []
     sep = "\t" if v100k else "::"
     for lineno, line in iter_lines(ratings_path, report, cfg.encoding):
@@ -116,4 +131,6 @@ def load_movielens(cfg: MovieLensConfig) -> Interactions:
             report.bad(ratings_path, lineno, "item_id", f"item {item} is not in {movies_path.name}")
             continue
         events.append((user, item, ts))
-    return build_interactions(cfg.name, events, texts, report)
+    if not events:
+        raise DataError(ratings_path, None, None, f"has no rating rows{report.skipped_note()}")
+    return build_interactions(cfg.name, events, texts, report, duplicates=cfg.duplicates)
