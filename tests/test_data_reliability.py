@@ -1,13 +1,24 @@
 """Bad data inputs refused with located messages, duplicates counted, checked downloads, atomic extraction,
 and temp dirs of killed prepares cleaned up (issue 17, items 9-13). Offline: downloads read file:// URLs."""
 
+import gzip
+import hashlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from rporec_jax.data import DataConfig, DataError, LCRecConfig, MovieLensConfig, prepare_dataset
+from rporec_jax.data import DataConfig, DataError, LCRecConfig, MovieLensConfig, SplitConfig, prepare_dataset
 from rporec_jax.data.__main__ import main as data_main
+from rporec_jax.data.sources import amazon2023, movielens
+from rporec_jax.data.sources._io import OWNER, owned_tmp_dir
 
 GENRES = "|0" * 18 + "|1"
 
@@ -107,3 +118,104 @@ def test_stats_on_a_raw_folder_names_the_prepare_command(tmp_path, capsys):
     assert "--source lcrec --split leave_one_out --root" in capsys.readouterr().err
     assert data_main(["stats", str(tmp_path / "nowhere")]) == 1
     assert "nowhere does not exist" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- item 12
+
+def _zip(path: Path, members: dict[str, bytes]) -> str:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_downloads_are_announced_recorded_and_verified(tmp_path, monkeypatch, capsys):
+    md5 = _zip(tmp_path / "ml-100k.zip", {"ml-100k/u.data": _u_data(), "ml-100k/u.item": _u_item()})
+    monkeypatch.setitem(movielens.ARCHIVES, "100k", (f"file://{tmp_path / 'ml-100k.zip'}", md5))
+    monkeypatch.setenv("RPOREC_DATA_DIR", str(tmp_path / "shared"))
+    root = tmp_path / "cache" / "ml-100k"
+    cfg = DataConfig(source=MovieLensConfig(root=str(root)))
+    ds = prepare_dataset(cfg, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert (f"$RPOREC_DATA_DIR is set but {tmp_path / 'shared' / 'ml-100k'} has no u.data/u.item either; "
+            f"downloading file://{tmp_path / 'ml-100k.zip'} to {root / 'ml-100k.zip'}") in err
+    inputs = json.loads((ds / "manifest.json").read_text())["inputs"]
+    assert [i["url"] for i in inputs] == [f"file://{tmp_path / 'ml-100k.zip'}#u.data",
+                                          f"file://{tmp_path / 'ml-100k.zip'}#u.item"]
+    assert inputs[0]["bytes"] == len(_u_data()) and inputs[0]["sha256"] == hashlib.sha256(_u_data()).hexdigest()
+    assert prepare_dataset(cfg, tmp_path / "out") == ds  # reuse verifies, and matches
+    with open(root / "u.data", "ab") as f:  # a file changed after its download
+        f.write(b"1\t1\t4\t99999\n")
+    with pytest.raises(ValueError, match=r"u\.data: \d+ bytes, but it came from file://.*#u\.data as \d+ bytes "
+                                         r"with sha256 [0-9a-f]{64}; delete it and u\.data\.download\.json"):
+        prepare_dataset(cfg, tmp_path / "out")
+    # Amazon 2023 (no published checksums): recorded at download, verified on reuse.
+    src = tmp_path / "ucsd"
+    (src / "benchmark/5core/rating_only").mkdir(parents=True)
+    (src / "raw/meta_categories").mkdir(parents=True)
+    with gzip.open(src / "benchmark/5core/rating_only/C.csv.gz", "wb") as f:
+        f.write(b"user_id,parent_asin,rating,timestamp\n" + b"".join(
+            f"u{u},{'AB'[k % 2]},5.0,{1_680_000_000_000 + 1000 * u + k}\n".encode() for u in range(4) for k in range(4)))
+    with gzip.open(src / "raw/meta_categories/meta_C.jsonl.gz", "wb") as f:
+        f.write(b"".join(json.dumps({"parent_asin": a, "title": a, "price": 1}).encode() + b"\n" for a in "AB"))
+    monkeypatch.setattr(amazon2023, "BASE_URL", f"file://{src}")
+    acfg = DataConfig(source=amazon2023.Amazon2023Config(category="C", root=str(tmp_path / "amz"), min_items=1))
+    inputs = json.loads((prepare_dataset(acfg, tmp_path / "out") / "manifest.json").read_text())["inputs"]
+    assert [i["url"] for i in inputs] == [f"file://{src}/benchmark/5core/rating_only/C.csv.gz",
+                                          f"file://{src}/raw/meta_categories/meta_C.jsonl.gz"]
+    (tmp_path / "amz" / "C.csv.gz").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match=r"C\.csv\.gz: 9 bytes, but it came from file://"):
+        prepare_dataset(acfg, tmp_path / "out")
+
+
+def test_movielens_extraction_is_atomic(tmp_path, monkeypatch):
+    root = tmp_path / "ml"
+    root.mkdir()
+    # A zip lacking u.item: nothing reaches root, and the temp dir is gone.
+    md5 = _zip(root / "ml-100k.zip", {"ml-100k/u.data": _u_data()})
+    monkeypatch.setitem(movielens.ARCHIVES, "100k", ("file:///nowhere/ml-100k.zip", md5))
+    with pytest.raises(ValueError, match=r"ml-100k\.zip: has no \['u\.item'\]"):
+        MovieLensConfig(root=str(root), download=False).files()
+    assert sorted(p.name for p in root.iterdir()) == ["ml-100k.zip"]
+    # An extraction killed after u.data was renamed in: the next run extracts both again (the local zip, no network).
+    md5 = _zip(root / "ml-100k.zip", {"ml-100k/u.data": _u_data(), "ml-100k/u.item": _u_item()})
+    monkeypatch.setitem(movielens.ARCHIVES, "100k", ("file:///nowhere/ml-100k.zip", md5))
+    (root / "u.data").write_bytes(b"partial")
+    MovieLensConfig(root=str(root), download=False).files()
+    assert (root / "u.data").read_bytes() == _u_data() and (root / "u.item").read_bytes() == _u_item()
+    assert not list(root.glob(".tmp-*"))
+    (root / "ml-100k.zip").write_bytes(b"not the published zip")
+    (root / "u.item").unlink()
+    with pytest.raises(ValueError, match=r"ml-100k\.zip: MD5 [0-9a-f]{32} does not match the published"):
+        MovieLensConfig(root=str(root), download=False).files()
+
+
+# ----------------------------------------------------------------------------------------- item 13
+
+def test_temp_dirs_of_killed_prepares_are_removed_live_ones_kept(tmp_path):
+    out = tmp_path / "out"
+    # A real prepare killed with SIGKILL while it writes its temp dir.
+    proc = subprocess.Popen([sys.executable, "-m", "rporec_jax.data", "prepare", "--source", "synthetic",
+                             "--num-users", "20000", "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(out.glob(".tmp-*/" + OWNER)) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = [p.parent for p in out.glob(".tmp-*/" + OWNER)]
+    assert len(killed) == 1
+    live = owned_tmp_dir(out, ".tmp-live")  # this (live) process's prepare in progress
+    fresh = out / ".tmp-old-code-fresh"  # no owner record: kept until it is a day old
+    old = out / ".tmp-old-code-old"
+    other = out / ".tmp-other-host"
+    for d in (fresh, old, other):
+        d.mkdir()
+    (other / OWNER).write_text(json.dumps({"host": socket.gethostname() + "-x", "pid": 1, "started": time.time()}))
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    logs = []
+    prepare_dataset(DataConfig(source=_ml(tmp_path / "ml"), split=SplitConfig(window=3)), out, log=logs.append)
+    assert not killed[0].exists() and not old.exists()
+    assert live.exists() and fresh.exists() and other.exists()
+    assert f"removed {killed[0]}, left by an interrupted run (its process {proc.pid} is gone)" in logs
+    assert any(m.startswith(f"removed {old}") and "48 h old" in m for m in logs)

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import ClassVar, Iterator
 
@@ -18,10 +17,11 @@ from rporec_jax.data.negatives import instance_rng, sample_negatives
 from rporec_jax.data.ranges import Range, check_ranges
 from rporec_jax.data.prompts import PromptBuilder, PromptConfig, instruction_for, tokenizer_fingerprint
 from rporec_jax.data.sources import SOURCES, SourceConfig, SyntheticConfig
+from rporec_jax.data.sources._io import OWNER, file_digest, owned_tmp_dir, remove_stale_tmp_dirs, verify_download
 from rporec_jax.data.splits import SPLITS, SplitConfig, instance_stats, make_instances
 
 # 2: split records stored users-interleaved (`Instances.select`); 3: MovieLens/Amazon configs gain `duplicates`
-# (which the fingerprint hashes).
+# (which the fingerprint hashes), inputs record their download URL.
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 ITEMS = "items.jsonl"
@@ -72,14 +72,6 @@ def config_from_dict(d: dict) -> DataConfig:
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fingerprint(cfg: DataConfig, inputs: list[dict], tokenizer_fp: str) -> str:
     """Returns the hex key of a prepared dataset: config, input file checksums and tokenizer."""
     key = json.dumps({"v": FORMAT_VERSION, "config": config_to_dict(cfg), "inputs": [i["sha256"] for i in inputs],
@@ -101,12 +93,18 @@ def prepare_dataset(cfg: DataConfig, out_root: str | os.PathLike | None = None, 
     """Returns the directory of the prepared dataset for `cfg`, writing it only if no complete one exists.
 
     `tokenizer` overrides loading `cfg.tokenizer` (tests pass in-memory tokenizers; the fingerprint hashes the
-    tokenizer's contents either way). The directory is built under a temporary name and renamed when complete.
+    tokenizer's contents either way). Input files that were downloaded must still match the size and sha256
+    recorded then. The directory is built under a temporary name and renamed when complete; temporary
+    directories of killed prepares are removed first, even on reuse (those of live ones are left alone).
     """
     log = log or (lambda msg: None)
     root = Path(out_root) if out_root is not None else default_root()
-    files = cfg.source.files()
-    inputs = [{"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files]
+    remove_stale_tmp_dirs(root, ".tmp-*", log)
+    inputs = []
+    for p in cfg.source.files():
+        size, digest = p.stat().st_size, file_digest(p)
+        rec = verify_download(p, size, digest)
+        inputs.append({"path": str(p), "bytes": size, "sha256": digest, **({"url": rec["url"]} if rec else {})})
     if tokenizer is None and cfg.tokenizer:
         from rporec_jax.models.tokenizer import load_tokenizer
 
@@ -118,10 +116,10 @@ def prepare_dataset(cfg: DataConfig, out_root: str | os.PathLike | None = None, 
         log(f"reusing {final}")
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = owned_tmp_dir(root, f".tmp-{final.name}")
     try:
         _write(cfg, tmp, inputs, fp, tokenizer, log)
+        (tmp / OWNER).unlink()
         try:
             os.rename(tmp, final)
         except OSError:

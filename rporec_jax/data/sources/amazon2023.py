@@ -14,7 +14,7 @@ from rporec_jax.data.interactions import DUPLICATES, Interactions, build_interac
 from rporec_jax.data.items import clean_text, item_msg
 from rporec_jax.data.ranges import Range, check_ranges
 from rporec_jax.data.rows import DataError, RowReport
-from rporec_jax.data.sources._io import download, iter_lines
+from rporec_jax.data.sources._io import download, iter_lines, missing_note
 
 BASE_URL = "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_2023"
 REVIEW_COLUMNS = ("user_id", "parent_asin", "rating", "timestamp")
@@ -62,7 +62,8 @@ class Amazon2023Config:
         return f"amazon2023-{self.category}"
 
     def files(self) -> list[Path]:
-        """Returns [reviews .csv.gz, meta .jsonl.gz], downloading absent ones when `download` is set."""
+        """Returns [reviews .csv.gz, meta .jsonl.gz], downloading absent ones when `download` is set (their size
+        and sha256 are recorded then, and `prepare_dataset` checks them on every later use)."""
         root = Path(self.root)
         want = [
             (f"{self.category}.csv.gz", f"benchmark/5core/rating_only/{self.category}.csv.gz"),
@@ -74,7 +75,7 @@ class Amazon2023Config:
             if found is None:
                 if not self.download:
                     raise FileNotFoundError(f"neither {root / flat} nor {root / official} exists (download disabled)")
-                found = download(f"{BASE_URL}/{official}", root / flat)
+                found = download(f"{BASE_URL}/{official}", root / flat, why=missing_note(root, "amazon2023", (flat,)))
             out.append(found)
         return out
 

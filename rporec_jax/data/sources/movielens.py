@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
 from rporec_jax.data.interactions import DUPLICATES, Interactions, build_interactions
 from rporec_jax.data.items import item_msg
 from rporec_jax.data.rows import DataError, RowReport
-from rporec_jax.data.sources._io import download, iter_lines
+from rporec_jax.data.sources._io import (download, file_digest, iter_lines, missing_note, owned_tmp_dir,
+                                         put_recorded, remove_stale_tmp_dirs)
 
 # Published by GroupLens next to each zip (`<name>.zip.md5`).
 ARCHIVES = {
@@ -50,24 +52,47 @@ class MovieLensConfig:
         return f"movielens-{self.variant}"
 
     def files(self) -> list[Path]:
-        """Returns [ratings file, movies file], downloading and unpacking the GroupLens zip if both are absent."""
+        """Returns [ratings file, movies file]; when either is absent, extracts both from the GroupLens zip in
+        `root` (checked against the published MD5), downloading it first if absent and `download` is set."""
         root = Path(self.root)
         names = ("u.data", "u.item") if self.variant == "100k" else ("ratings.dat", "movies.dat")
         paths = [root / n for n in names]
         if not all(p.exists() for p in paths):
-            if not self.download:
-                raise FileNotFoundError(f"{root}: expected {list(names)} (download disabled)")
             url, md5 = ARCHIVES[self.variant]
-            archive = download(url, root / Path(url).name, md5)
-            with zipfile.ZipFile(archive) as z:
-                for member in z.namelist():
-                    if Path(member).name in names:
-                        (root / Path(member).name).write_bytes(z.read(member))
+            archive = root / Path(url).name
+            if archive.exists():
+                if (got := file_digest(archive, "md5")) != md5:
+                    raise ValueError(f"{archive}: MD5 {got} does not match the published {md5} of {url}; delete "
+                                     f"it to download it again")
+            elif not self.download:
+                raise FileNotFoundError(f"{root}: expected {list(names)} or {archive.name} (download disabled)")
+            else:
+                download(url, archive, md5, why=missing_note(root, Path(url).stem, names))
+            extract(archive, names, root, url)
         return paths
 
     def load(self) -> Interactions:
         """Returns the interactions ordered by rating timestamp (seconds)."""
         return load_movielens(self)
+
+
+def extract(archive: Path, names: tuple[str, ...], root: Path, url: str) -> None:
+    """Extracts the members of `archive` named `names` (at any depth) into `root`, each recorded as coming from
+    `url`: into a temp dir first, then renamed, so a killed extraction never leaves a partial file in `root`."""
+    remove_stale_tmp_dirs(root, ".tmp-extract-*")
+    tmp = owned_tmp_dir(root, ".tmp-extract")
+    try:
+        with zipfile.ZipFile(archive) as z:
+            for member in z.namelist():
+                if Path(member).name in names:
+                    (tmp / Path(member).name).write_bytes(z.read(member))
+        missing = [n for n in names if not (tmp / n).exists()]
+        if missing:
+            raise ValueError(f"{archive}: has no {missing}; expected a GroupLens {Path(url).name}")
+        for n in names:
+            put_recorded(tmp / n, root / n, f"{url}#{n}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _split_title(title: str) -> tuple[str, str]:
