@@ -154,8 +154,8 @@ def test_downloads_are_announced_recorded_and_verified(tmp_path, monkeypatch, ca
     (src / "benchmark/5core/rating_only").mkdir(parents=True)
     (src / "raw/meta_categories").mkdir(parents=True)
     with gzip.open(src / "benchmark/5core/rating_only/C.csv.gz", "wb") as f:
-        f.write(b"user_id,parent_asin,rating,timestamp\n" + b"".join(
-            f"u{u},{'AB'[k % 2]},5.0,{1_680_000_000_000 + 1000 * u + k}\n".encode() for u in range(4) for k in range(4)))
+        rows = [f"u{u},{'AB'[k % 2]},5.0,{1_680_000_000_000 + 1000 * u + k}\n" for u in range(4) for k in range(4)]
+        f.write(("user_id,parent_asin,rating,timestamp\n" + "".join(rows)).encode())
     with gzip.open(src / "raw/meta_categories/meta_C.jsonl.gz", "wb") as f:
         f.write(b"".join(json.dumps({"parent_asin": a, "title": a, "price": 1}).encode() + b"\n" for a in "AB"))
     monkeypatch.setattr(amazon2023, "BASE_URL", f"file://{src}")

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--no-download", action="store_true")
     prep.add_argument("--skip-bad-rows", action="store_true", help="count and report malformed rows, do not fail")
     prep.add_argument("--duplicates", choices=DUPLICATES, default="drop",
-                      help="MovieLens/Amazon 2023: drop or keep rows repeating a (user, item, time); counted either way")
+                      help="MovieLens/Amazon 2023: drop or keep rows repeating a (user, item, time); counted "
+                           "either way")
     prep.add_argument("--split", default="temporal", choices=["temporal", "leave_one_out"])
     prep.add_argument("--window", type=int, default=20)
     prep.add_argument("--tokenizer", default="", help="HF dir or .gguf whose chat template renders prompts")
