@@ -21,7 +21,9 @@ BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated), per strategy.
 # Every strategy also shards the batch over ('data', 'fsdp'); unlisted logical axes are replicated.
-_FSDP = {"embed": "fsdp", "items": "fsdp"}
+# The Rechead's width shards too: its three [vocab, d] text towers and their Adam moments are the largest
+# stage-1 arrays (3 x 125 MB at the paper's d = 1024), replicated on every chip otherwise.
+_FSDP = {"embed": "fsdp", "items": "fsdp", "rechead_embed": "fsdp"}
 _TP = {"vocab": "tp", "heads": "tp", "kv_heads": "tp", "mlp": "tp"}
 STRATEGIES: dict[str, dict[str, Any]] = {
     "dp": {},

@@ -88,17 +88,26 @@ def attach_optimizer(tx: optax.GradientTransformation) -> Transform:
         if not state.trainable:
             raise ValueError("attach_optimizer: nothing is trainable; apply set_trainable(...) first")
         train, _ = state.split_params()
-        # jitted so the moments are created with the parameters' shardings, not on one device
-        opt_state = jax.jit(tx.init)(train)
         meshes = {x.sharding.mesh for x in jax.tree_util.tree_leaves(train)
                   if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)}
-        if len(meshes) == 1:  # scalars such as Adam's count come out on one device: replicate them
-            rep = jax.sharding.NamedSharding(meshes.pop(), jax.sharding.PartitionSpec())
-            opt_state = jax.tree_util.tree_map(
-                lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.device_put(x, rep),
-                opt_state)
+        if len(meshes) == 1:
+            shardings = jax.tree_util.tree_map(lambda x: x.sharding, train)
+            opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(tx, train, shardings, meshes.pop()))(train)
+        else:
+            opt_state = tx.init(train)
         return state.replace(tx=tx, opt_state=opt_state)
     return run
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any, mesh) -> Any:
+    """Returns the shardings of `tx`'s state: moments like their parameters, scalars (Adam's count) replicated.
+
+    Explicit because the moments do not depend on the parameters' values: left to XLA, a jitted `tx.init`
+    may replicate them (it did for the embedding and lm_head moments under fsdp, measured by the TPU plan)."""
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shapes = jax.eval_shape(tx.init, params)
+    return optax.tree_map_params(tx, lambda _, s: s, shapes, param_shardings, transform_non_params=lambda _: rep,
+                                 is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
 
 
 def add_params(name: str, tree: Any) -> Transform:
