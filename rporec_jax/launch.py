@@ -5,6 +5,7 @@
     python -m rporec_jax.launch --run_dir runs/s1 --resume        # after a preemption or Ctrl-C
     python -m rporec_jax.launch export --run_dir runs/s1 --out tuned_hf_dir
     python -m rporec_jax.launch recommend --run_dir runs/s1 --user 12
+    python -m rporec_jax.launch plan --config amazon_video_games --topology v5e-8 --set mesh_preset=tpu-v5e-8
 
 SIGTERM/SIGINT finish the current step, save and exit with status 3 ("resume me"); a NaN/Inf stops with
 status 2 and keeps the last good checkpoint; a bad config or path fails before any heavy work with status 1.
@@ -27,7 +28,7 @@ EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_INTERRUPTED = 1, 2, 3
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m rporec_jax.launch", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", nargs="?", default="run", choices=("run", "export", "recommend"))
+    ap.add_argument("command", nargs="?", default="run", choices=("run", "export", "recommend", "plan"))
     ap.add_argument("--config", default=None, help="configs/NAME.py name or a path (default: demo; with --resume: "
                                                    "the run's saved config)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field "
@@ -35,7 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--stages", default=None, help="comma list among cot,stage1,stage2,eval")
     ap.add_argument("--run_dir", default=None, help="run directory (default: runs/<config name>-<time>)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --run_dir")
-    ap.add_argument("--out", default=None, help="export: output HF model directory")
+    ap.add_argument("--out", default=None, help="export: output HF model directory; plan: where plan.json/.md go "
+                                                "(default: --run_dir, else plans/<config>-<topology>)")
+    ap.add_argument("--topology", default=None, help="plan: v5e-8, v4-32, v5p-64, v6e-8, ... or a jax topology "
+                                                     "string such as v5e:2x2")
+    ap.add_argument("--items", type=int, default=None, help="plan: catalogue size (default: nominal per source)")
+    ap.add_argument("--programs", default=None, help="plan: comma list of programs to compile (default: all)")
     ap.add_argument("--user", type=int, default=None, help="recommend: user id")
     ap.add_argument("--split", default="test", help="recommend: the split whose instance of --user is used")
     ap.add_argument("--no_progress", action="store_true", help="no progress bars (log files stay)")
@@ -97,6 +103,8 @@ def main(argv=None) -> int:
     from rporec_jax import config as C
     from rporec_jax import distributed
 
+    if args.command == "plan":
+        return plan(args)
     try:
         cfg, run_dir = resolve_config(args)
     except (C.ConfigError, FileNotFoundError, ValueError) as e:
@@ -132,6 +140,37 @@ def main(argv=None) -> int:
     finally:
         pipe.logger.close()
     say(f"[launch] report: {Path(run_dir) / 'report.md'}", flush=True)
+    return 0
+
+
+def plan(args) -> int:
+    """Compiles every program of the run for `--topology` on this host and writes plan.json/plan.md; returns 0
+    when every program fits the chips' HBM, 1 when one does not or the plan cannot be made."""
+    from rporec_jax import config as C
+    from rporec_jax import plan as PL
+
+    try:
+        if not args.topology:
+            raise PL.PlanError(f"plan needs --topology: one of {', '.join(PL.TOPOLOGIES)} or a jax topology string")
+        overrides = list(args.set) + ([f"stages={args.stages}"] if args.stages else [])
+        cfg = C.load_config(args.config or "demo", overrides)
+        C.validate(cfg)
+        devices = PL.topology_devices(args.topology)  # before anything slow: a bad name or no libtpu fails now
+        print(f"[plan] {cfg.name} on {args.topology}: {len(devices)} {devices[0].device_kind} devices, "
+              f"{len({d.process_index for d in devices})} host(s)", flush=True)
+        programs = args.programs.split(",") if args.programs else None
+        report = PL.plan(cfg, args.topology, num_items=args.items, programs=programs, log=lambda s: print(f"[plan] {s}", flush=True))
+    except (C.ConfigError, PL.PlanError, ValueError) as e:
+        print(f"[plan] error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = args.out or args.run_dir or str(Path("plans") / f"{cfg.name}-{args.topology.replace(':', '_')}")
+    paths = PL.write(report, out)
+    print(PL.markdown(report))
+    print(f"[plan] written: {paths[0]}, {paths[1]}")
+    if not report["fits"]:
+        bad = [r["program"] for r in report["rows"] if not r["fits"]]
+        print(f"[plan] does not fit: {', '.join(bad)} (see the largest buffers above)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -60,18 +60,23 @@ def stage1_loss(head: RecheadConfig, train: dict, frozen: dict, batch: dict, key
     return sampled_softmax_ce(u, items, batch["target"], batch["negatives"], batch.get("valid"))
 
 
-def make_stage1_step(head: RecheadConfig, state: TrainState, mesh: Optional[Mesh] = None) -> Callable:
-    """Returns the jitted pure step `(state, batch) -> (state, metrics)` with explicit shardings: the state
-    keeps its placement (donated), the batch is split over ('data', 'fsdp')."""
-    mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
-
+def stage1_step_fn(head: RecheadConfig) -> Callable:
+    """Returns the pure stage-1 step `(state, batch) -> (state, metrics)` (what `make_stage1_step` jits and
+    `rporec_jax.plan` compiles for a TPU topology)."""
     def step(state: TrainState, batch: dict):
         state, key = state.next_key()
         train, frozen = state.split_params()
         grads, metrics = jax.grad(lambda t: stage1_loss(head, t, frozen, batch, key), has_aux=True)(train)
         state, gnorm = state.apply_gradients(grads)
         return state, {**metrics, "grad_norm": gnorm}
+    return step
 
+
+def make_stage1_step(head: RecheadConfig, state: TrainState, mesh: Optional[Mesh] = None) -> Callable:
+    """Returns the jitted pure step `(state, batch) -> (state, metrics)` with explicit shardings: the state
+    keeps its placement (donated), the batch is split over ('data', 'fsdp')."""
+    mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
+    step = stage1_step_fn(head)
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     batch_sharding = lambda b: {k: shd.batch_sharding(mesh, np.ndim(v)) for k, v in b.items()}  # noqa: E731
     compiled = {}

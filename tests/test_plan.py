@@ -1,0 +1,115 @@
+"""TPU plan: abstract TPU topologies compiled on this CPU host (libtpu), loop-corrected HLO statistics, verdicts."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("libtpu", reason="the plan needs libtpu (the test extra installs it)")
+
+from rporec_jax import config as C  # noqa: E402
+from rporec_jax import plan as PL  # noqa: E402
+from rporec_jax.launch import main  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def run_precision():
+    # conftest asks for 'highest' matmul precision (CPU parity tests); on a TPU that is a 6-pass fp32
+    # emulation, 3x the compile time and not what a run compiles
+    with jax.default_matmul_precision("default"):
+        yield
+
+
+def _layers(x, ws):
+    def body(h, w):
+        return jnp.tanh(h @ w), None
+    return jax.lax.scan(body, x, ws)[0].sum()
+
+
+def test_hlo_stats_count_loop_bodies_by_their_trip_count():
+    # Reference: XLA's own cost analysis of the same program with the loop unrolled (no loop to miscount).
+    one = jax.sharding.SingleDeviceSharding(PL.topology_devices("v5e:2x2")[0])
+    x = jax.ShapeDtypeStruct((64, 256), jnp.bfloat16, sharding=one)
+    ws = jax.ShapeDtypeStruct((6, 256, 256), jnp.bfloat16, sharding=one)
+    looped = jax.jit(_layers).lower(x, ws).compile()
+    unrolled = jax.jit(_layers_unrolled).lower(x, ws).compile()
+    stats = PL.hlo_stats(looped.as_text())
+    assert 6 in stats["loops"] and stats["unknown_loops"] == 0
+    expected = 6 * 2 * 64 * 256 * 256
+    assert stats["flops"] == expected
+    assert unrolled.cost_analysis()["flops"] >= expected  # the unrolled count (plus elementwise) agrees
+    assert looped.cost_analysis()["flops"] < expected / 3  # what the loop body counted once would claim
+
+
+def _layers_unrolled(x, ws):
+    h = x
+    for i in range(ws.shape[0]):
+        h = jnp.tanh(h @ ws[i])
+    return h.sum()
+
+
+def test_collectives_are_read_from_the_hlo():
+    devices = np.asarray(PL.topology_devices("v5e:2x2"))
+    mesh = jax.sharding.Mesh(devices.reshape(4), ("x",))
+    s = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    x = jax.ShapeDtypeStruct((1024, 128), jnp.float32, sharding=s)
+    c = jax.jit(lambda a: a.sum(0), out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+                ).lower(x).compile()
+    coll = PL.hlo_stats(c.as_text())["collectives"]
+    assert coll["all-reduce"]["count"] >= 1 and coll["all-reduce"]["bytes"] >= 128 * 4
+
+
+def test_every_program_of_the_synthetic_run_compiles(tmp_path, capsys):
+    assert main(["plan", "--config", "synthetic", "--topology", "v5e:2x2", "--set", "mesh.data=4",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "plan.json").read_text())
+    assert [r["program"] for r in report["rows"]] == ["cot_sampler", "rollout_sampler", "stage1_step",
+                                                      "rechead_scoring", "grpo_update", "sasrec_step"]
+    assert report["fits"] and report["devices"] == 4 and report["chip"]["name"] == "v5e"
+    for r in report["rows"]:
+        assert r["peak_bytes"] > 0 and r["flops"] > 0 and r["time_s"] > 0 and r["bound"], r
+    rollout = next(r for r in report["rows"] if r["program"] == "rollout_sampler")
+    assert C.load_config("synthetic").stage2.max_new_tokens in rollout["loops"]  # the decode loop's trip count
+    assert "| grpo_update |" in (tmp_path / "plan.md").read_text() and "grpo_update" in capsys.readouterr().out
+
+
+def test_fsdp_holds_a_quarter_of_the_update_arguments_per_chip():
+    # Qwen3-0.6B shapes (built in: no weights) at the synthetic run's lengths; the tiny decoder's 32-wide
+    # matrices would measure TPU tile padding (8 columns per chip pad to 128), not the sharding.
+    args, gathers = {}, {}
+    for strategy, mesh in (("dp", ["mesh.data=4"]), ("fsdp", ["mesh.data=1", "mesh.fsdp=4"])):
+        cfg = C.load_config("synthetic", [f"strategy={strategy}", "backbone.path=Qwen/Qwen3-0.6B"] + mesh)
+        row = PL.plan(cfg, "v5e:2x2", programs=["grpo_update"])["rows"][0]
+        args[strategy] = row["argument_bytes"]
+        gathers[strategy] = row["collectives"].get("all-gather", {}).get("count", 0)
+    assert args["fsdp"] / args["dp"] == pytest.approx(0.25, rel=0.1), args  # measured 0.2501
+    assert gathers["fsdp"] > 0 == gathers["dp"]  # fsdp gathers the weights it shards; dp has nothing to gather
+
+
+def test_a_qwen3_06b_update_on_one_v5e_chip_does_not_fit(tmp_path, capsys):
+    # The paper's lengths (prompt 2,048 + 1,024 new tokens, 16 prompts x G 4) with the whole model on one chip;
+    # no weights on disk: the built-in Qwen3-0.6B shapes are used.
+    code = main(["plan", "--config", "amazon_video_games", "--topology", "v5e-1", "--out", str(tmp_path),
+                 "--set", "mesh.data=1", "--set", "strategy=dp", "--programs", "grpo_update"])
+    err = capsys.readouterr()
+    assert code == 1, err.err
+    report = json.loads((tmp_path / "plan.json").read_text())
+    assert "built-in shapes of Qwen/Qwen3-0.6B" in report["backbone"]
+    update = next(r for r in report["rows"] if r["program"] == "grpo_update")
+    assert not update["fits"] and update["peak_bytes"] > 16 * 2 ** 30
+    assert update["largest_arguments"] and update["largest_temporaries"]
+    md = (tmp_path / "plan.md").read_text()
+    assert "grpo_update does not fit" in md and "does not fit: " in err.err
+
+
+def test_bad_plans_are_refused_before_compiling(capsys):
+    assert main(["plan", "--config", "synthetic", "--topology", "v9z-3"]) == 1
+    assert "known: v5e-1" in capsys.readouterr().err
+    assert main(["plan", "--config", "synthetic", "--topology", "v5e:2x2", "--set", "mesh.data=3"]) == 1
+    assert "mesh" in capsys.readouterr().err
+    # tp over the tiny decoder's 2 KV heads on 4 chips cannot divide
+    assert main(["plan", "--config", "synthetic", "--topology", "v5e:2x2", "--set", "strategy=tp",
+                 "--set", "mesh.data=1", "--set", "mesh.tp=4"]) == 1
+    assert "strategy 'tp'" in capsys.readouterr().err
