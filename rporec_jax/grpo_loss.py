@@ -247,31 +247,40 @@ def _aggregate(x, maskf, norm: GRPONorm, cfg: GRPOLossConfig):
 # Gradient accumulation
 # --------------------------------------------------------------------------------------------------------------
 
-def split_micro_batches(batch, num_micro: int):
-    """Returns `batch` (a pytree of `[rows, ...]` arrays) reshaped to `[num_micro, rows / num_micro, ...]`."""
+def split_micro_batches(batch, num_micro: int, sharding=None):
+    """Returns `batch` (a pytree of `[rows, ...]` arrays) as `[num_micro, rows / num_micro, ...]`, strided:
+    micro-batch m holds rows m, m + num_micro, ... so that, with rows split over devices in contiguous blocks,
+    every micro-batch spans every device (MaxText's strided accumulation). `sharding(ndim)` (optional) returns
+    the sharding a micro-batched array is constrained to (rows of each micro-batch over the batch axes)."""
     def split(x):
         if x.shape[0] % num_micro:
             raise ValueError(f"split_micro_batches: {x.shape[0]} rows do not split into {num_micro} micro-batches")
-        return x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:])
+        x = jnp.swapaxes(x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]), 0, 1)
+        return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding(x.ndim))
     return jax.tree_util.tree_map(split, batch)
 
 
-def accumulate_gradients(loss_fn: Callable[[Any, Any], tuple[jax.Array, Any]], params, micro_batches):
+def accumulate_gradients(loss_fn: Callable[[Any, Any], tuple[jax.Array, Any]], params, micro_batches,
+                         grad_shardings=None):
     """Returns (summed loss, summed grads, per-micro-batch aux stacked `[num_micro, ...]`).
 
     `loss_fn(params, micro_batch) -> (loss, aux)` must return each micro-batch's share of the full-batch
     loss (e.g. `grpo_loss(..., norm=grpo_norm(full_mask, full_entropies, cfg))`), so the sums are exact.
     `micro_batches` is a pytree with a leading micro-batch axis; a scan keeps one micro-batch live at a time.
+    `grad_shardings` (a pytree like `params`) pins the accumulator to the parameters' shardings, so under fsdp
+    each device keeps only its shard of the running sum.
     """
+    pin = (lambda t: t) if grad_shardings is None else \
+        (lambda t: jax.lax.with_sharding_constraint(t, grad_shardings))  # noqa: E731
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(carry, mb):
         loss_acc, grad_acc = carry
         (loss, aux), grads = grad_fn(params, mb)
-        grad_acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(a.dtype), grad_acc, grads)
+        grad_acc = pin(jax.tree_util.tree_map(lambda a, g: a + g.astype(a.dtype), grad_acc, grads))
         return (loss_acc + loss, grad_acc), aux
 
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = pin(jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
     (loss, grads), aux = jax.lax.scan(step, (jnp.zeros((), jnp.float32), zeros), micro_batches)
     grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
     return loss, grads, aux

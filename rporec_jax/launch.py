@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--user", type=int, default=None, help="recommend: user id")
     ap.add_argument("--split", default="test", help="recommend: the split whose instance of --user is used")
     ap.add_argument("--no_progress", action="store_true", help="no progress bars (log files stay)")
+    ap.add_argument("--no_preflight", action="store_true", help="on accelerators, skip compiling the samplers "
+                    "and the GRPO update before any stage to check that they fit")
     return ap
 
 
@@ -118,6 +120,15 @@ def main(argv=None) -> int:
 
     from rporec_jax.pipeline import Interrupted, Pipeline
 
+    if not args.no_preflight:
+        from rporec_jax import plan as PL
+        from rporec_jax import sharding as shd
+
+        problems = PL.preflight(cfg, shd.make_mesh(cfg.mesh))  # a no-op on CPU hosts
+        if problems:
+            print("[launch] will not fit, stopped before any heavy stage:\n  " + "\n  ".join(problems),
+                  file=sys.stderr)
+            return EXIT_BAD_INPUT
     stop = StopFlag()
     stop.install()
     try:

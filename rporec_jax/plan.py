@@ -43,11 +43,11 @@ class Chip:
 
 
 # Google Cloud TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e); ICI = the pages'
-# per-chip "interchip interconnect" Gbit/s / 8. v4 devices are TensorCores (2 per chip: the abstract v4 topology
-# exposes them without megacore), so they get half a chip's HBM, FLOP/s and bandwidths.
+# per-chip "interchip interconnect" Gbit/s / 8 (v4: 6 links x 50 GB/s in the TPU v4 paper, ISCA 2023). One JAX
+# device is one chip (v4 and v5p run their two TensorCores as one megacore device, as the TPU runtime does).
 CHIPS = {
-    "TPU v4": Chip("v4 TensorCore", 16 * GiB, 275e12 / 2, 1200e9 / 2, 2400e9 / 8 / 2,
-                   "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM2 at 1,200 GB/s per chip (2 cores)"),
+    "TPU v4": Chip("v4", 32 * GiB, 275e12, 1200e9, 2400e9 / 8,
+                   "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM2 at 1,200 GB/s per chip"),
     "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12, 819e9, 1600e9 / 8,
                         "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GiB HBM2 at 819 GB/s, ICI 1,600 Gbps"),
     "TPU v5": Chip("v5p", 95 * GiB, 459e12, 2765e9, 4800e9 / 8,
@@ -114,6 +114,8 @@ def topology_devices(name: str) -> list:
     # another plan (or a test run) instead of failing on the lock
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kw = {} if per_host is None else {"chips_per_host_bounds": per_host}
+    if topo.startswith(("v4", "v5p")):
+        kw["chip_config_name"] = "megacore"  # one device per chip, as the TPU runtime runs them
     try:
         return list(topologies.get_topology_desc(topology_name=topo, platform="tpu", **kw).devices)
     except Exception as e:  # libtpu's own message says which bound failed
@@ -232,6 +234,70 @@ def _conv_flops(out_shape: str, rest: str, shapes: dict) -> float:
     return 2.0 * n_out * k / (int(groups.group(1)) if groups else 1)
 
 
+_SLICES = ("dynamic-slice", "slice", "gather")
+
+
+def _operands(rest: str) -> list[str]:
+    return re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+
+
+def _param_reads(comps: dict, comp: str, memo: dict) -> list[float]:
+    """Returns the bytes each parameter of fused computation `comp` is read: a parameter only sliced (also
+    through nested fusions) reads its slices; one updated in place by dynamic-update-slice reads nothing."""
+    if comp in memo:
+        return memo[comp]
+    body = comps.get(comp, [])
+    shapes = {name: shape for name, shape, _, _ in body}
+    params = [name for name, _, op, _ in body if op == "parameter"]
+    users: dict = {}
+    for name, shape, op, rest in body:
+        for pos, o in enumerate(_operands(rest)):
+            users.setdefault(o, []).append((pos, shape, op, rest))
+    reads = []
+    for p in params:
+        total = 0.0
+        for pos, shape, op, rest in users.get(p, []):
+            if op in _SLICES and pos == 0:
+                total += _nbytes(shape)
+            elif op == "dynamic-update-slice" and pos == 0:
+                continue
+            elif op == "fusion" and (callee := dict(_CALLS.findall(rest)).get("calls")) in comps:
+                inner = _param_reads(comps, callee, memo)
+                total += inner[pos] if pos < len(inner) else _nbytes(shapes[p])
+            else:
+                total = _nbytes(shapes[p])
+                break
+        reads.append(min(total, _nbytes(shapes[p])))
+    memo[comp] = reads
+    return reads
+
+
+def _written(comps: dict, comp: str, shape: str) -> float:
+    """Returns the bytes a fusion writes: the update of an in-place dynamic-update-slice root, else its output."""
+    body = comps.get(comp, [])
+    if body and body[-1][2] == "dynamic-update-slice":
+        upd = _operands(body[-1][3])
+        return _nbytes({n: sh for n, sh, _, _ in body}.get(upd[1], "")) if len(upd) > 1 else 0.0
+    return _nbytes(shape)
+
+
+def _traffic(shape: str, op: str, rest: str, shapes: dict, comps: dict, memo: dict) -> float:
+    """Returns the HBM bytes one top-level instruction moves: operands and output, except that an operand only
+    sliced (a layer's row of stacked weights, a KV-cache read) counts its slices, and an in-place
+    dynamic-update-slice (a KV-cache write) counts its update, as the TPU executes them."""
+    operands = _operands(rest)
+    if op == "dynamic-update-slice":
+        return 2.0 * _nbytes(shapes.get(operands[1], "")) if len(operands) > 1 else 0.0
+    if op in _SLICES:
+        return 2.0 * _nbytes(shape)
+    callee = dict(_CALLS.findall(rest)).get("calls") if op == "fusion" else None
+    if callee not in comps:
+        return _nbytes(shape) + sum(_nbytes(shapes.get(o, "")) for o in operands)
+    reads = _param_reads(comps, callee, memo)
+    return sum(reads[i] if i < len(reads) else _nbytes(shapes.get(o, "")) for i, o in enumerate(operands)) + \
+        _written(comps, callee, shape)
+
+
 def hlo_stats(hlo: str) -> dict:
     """Returns per-device {'flops', 'bytes', 'collectives': {kind: {'count', 'bytes'}}, 'loops': [trip counts],
     'unknown_loops', 'largest': [(bytes, name, op_name)]} of optimised HLO text, every instruction counted as
@@ -266,6 +332,7 @@ def hlo_stats(hlo: str) -> dict:
                     seen.add(callee)
                     order.append(callee)
     flops = traffic = 0.0
+    memo: dict = {}
     coll = {k: {"count": 0, "bytes": 0.0} for k in COLLECTIVES}
     largest = []
     for comp, instrs in comps.items():
@@ -284,8 +351,7 @@ def hlo_stats(hlo: str) -> dict:
             if comp not in control:
                 continue
             if op not in _NO_TRAFFIC and not op.endswith("-done"):
-                operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
-                traffic += m * (_nbytes(shape) + sum(_nbytes(shapes.get(o, "")) for o in operands))
+                traffic += m * _traffic(shape, op, rest, shapes, comps, memo)
             if op not in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
                 where = re.search(r'op_name="([^"]*)"', rest)
                 biggest = max((_nbytes(f"{dt}[{','.join(map(str, d))}]") for dt, d in _arrays(shape)), default=0)
@@ -459,13 +525,14 @@ def build_programs(cfg, mesh: Mesh, num_items: int) -> list[Program]:
         model = Model(c, None, None, mesh=mesh, strategy=strategy)
         sc = SamplingConfig(max_new_tokens=new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             num_samples=samples, prompt_buckets=(bucket,), return_entropies=entropies)
-        fn = Sampler(model, sc, stop_ids=[0])._fn
-        params = _abstract(nn.unbox(abstract_params(c)), p_shard)
+        sampler = Sampler(model, sc, stop_ids=[0])
+        fn, params = sampler._fn, _abstract(nn.unbox(abstract_params(c)), sampler.param_shardings)
         rows = round_up(batch)
         bs = shd.batch_sharding(mesh)
         args = (params, _sds((rows, bucket), jnp.int32, bs), _sds((rows, bucket), bool, bs), _key(mesh))
+        held = "" if sampler.strategy == strategy else f", weights held as {sampler.strategy}"
         progs.append(Program(name, fn, args, f"{rows} prompts x {samples} samples, prompt {bucket} + "
-                                              f"{new_tokens} new tokens, {c.dtype}"))
+                                              f"{new_tokens} new tokens, {c.dtype}{held}"))
 
     if "cot" in cfg.stages:
         cot = cfg.cot
@@ -677,3 +744,38 @@ def write(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     (out / "plan.json").write_text(json.dumps(report, indent=1))
     (out / "plan.md").write_text(markdown(report))
     return out / "plan.json", out / "plan.md"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pre-flight on real accelerators
+# --------------------------------------------------------------------------------------------------------------
+
+PREFLIGHT_PROGRAMS = ("cot_sampler", "rollout_sampler", "grpo_update")
+
+
+def preflight(cfg, mesh: Mesh, capacity: Optional[int] = None, force: bool = False) -> list[str]:
+    """Returns one message per program of the run that will not fit its devices' memory (empty: all fit).
+
+    On an accelerator (or with `force`), compiles the samplers and the GRPO update for the run's own mesh before
+    any heavy stage, so a run that would go out of memory stops before an hour of CoT generation. `capacity`:
+    bytes per device (default: the device's reported limit, else the chip table's HBM)."""
+    device = mesh.devices.flat[0]
+    if device.platform == "cpu" and not force:
+        return []
+    if capacity is None:
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        capacity = (stats or {}).get("bytes_limit") or CHIPS.get(device.device_kind, Chip("", 0, 1, 1, 1, "")).hbm_bytes
+    if not capacity:
+        return []
+    chip = Chip(device.device_kind, int(capacity), 1.0, 1.0, 1.0, "the device's memory limit")
+    problems = []
+    for p in build_programs(cfg, mesh, num_items_of(cfg)):
+        if p.name not in PREFLIGHT_PROGRAMS:
+            continue
+        r = analyse(p, chip)
+        if not r["fits"]:
+            buffers = ", ".join(f"{t['op']} {_fmt_bytes(t['bytes'])}" for t in r["largest_temporaries"][:3])
+            problems.append(f"{p.name} ({p.note}) needs {_fmt_bytes(r['peak_bytes'])} per device, the devices "
+                            f"have {_fmt_bytes(capacity)}; largest buffers: {buffers}. Lower the batch or "
+                            f"lengths, add micro-batches, or shard more (python -m rporec_jax.launch plan)")
+    return problems

@@ -162,8 +162,12 @@ class Sampler:
     out = sampler.generate([[{"role": "user", "content": "..."}], ...], key=jax.random.key(0))
     """
 
-    def __init__(self, model, config: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] | None = None):
+    def __init__(self, model, config: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] | None = None,
+                 strategy=None):
         self.model = model
+        # the rollout role's placement (default: the model's strategy without fsdp weight sharding): weights
+        # are resharded once per generate call instead of all-gathered at every decoded token
+        self.strategy = shd.inference_strategy(model.strategy) if strategy is None else strategy
         self.config = config
         tok = model.tokenizer
         if stop_ids is None:
@@ -183,18 +187,21 @@ class Sampler:
         return len(self._shapes)
 
     def _build(self):
+        from rporec_jax.models.loading import param_shardings
+
         cfg, mesh = self.config, self.mesh
-        rules = shd.logical_rules(self.model.strategy)
+        rules = shd.logical_rules(self.strategy)
         kv_axis = dict(rules).get("kv_heads")
         cache_sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES, kv_axis, None, None))
         batch = shd.batch_sharding(mesh)
-        module, pad_id = self.model.module, self.pad_id
-        stop_ids = jnp.asarray(self.stop_ids, jnp.int32)
+        module = Decoder(self.model.config, shd.activation_sharding(mesh, self.strategy))
+        pad_id, stop_ids = self.pad_id, jnp.asarray(self.stop_ids, jnp.int32)
+        self.param_shardings = param_shardings(self.model.config, mesh, self.strategy)
 
         def fn(params, prompt, prompt_mask, key):
             return generate_tokens(module, params, prompt, prompt_mask, key, stop_ids, pad_id, cfg, cache_sharding)
 
-        return jax.jit(fn, in_shardings=(self.model.param_shardings(), batch, batch, shd.replicated(mesh)),
+        return jax.jit(fn, in_shardings=(self.param_shardings, batch, batch, shd.replicated(mesh)),
                        out_shardings=batch)
 
     def encode(self, prompts: Sequence[Any]) -> list[list[int]]:
@@ -243,9 +250,11 @@ class Sampler:
             self._shapes.add((batch, bucket))
             log.info("sampler: compiling for batch %d, prompt bucket %d (%d programs so far)",
                      batch, bucket, len(self._shapes))
+        params = self.model.params if params is None else params
+        if self.strategy != self.model.strategy:  # the once-per-call reshard (an all-gather under fsdp)
+            params = jax.device_put(params, self.param_shardings)
         toks, mask, lps, ents = shd.to_host(
-            self._fn(self.model.params if params is None else params,
-                     *shd.host_batch_to_global((prompt, pmask), self.mesh), key))
+            self._fn(params, *shd.host_batch_to_global((prompt, pmask), self.mesh), key))
         keep = n_real * cfg.num_samples
         toks, mask, lps = toks[:keep], np.array(mask[:keep]), lps[:keep]
         ents = None if ents is None else ents[:keep]

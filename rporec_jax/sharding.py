@@ -22,7 +22,8 @@ BATCH_AXES = ("data", "fsdp")
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated), per strategy.
 # Every strategy also shards the batch over ('data', 'fsdp'); unlisted logical axes are replicated.
 # The Rechead's width shards too: its three [vocab, d] text towers and their Adam moments are the largest
-# stage-1 arrays (3 x 125 MB at the paper's d = 1024), replicated on every chip otherwise.
+# stage-1 arrays (3 x 125 MB at the paper's d = 1024), replicated on every chip otherwise. Their vocabulary
+# axis is `rechead_vocab`, never sharded: the encoder's 30,522 tokens divide by no tp size above 2.
 _FSDP = {"embed": "fsdp", "items": "fsdp", "rechead_embed": "fsdp"}
 _TP = {"vocab": "tp", "heads": "tp", "kv_heads": "tp", "mlp": "tp"}
 STRATEGIES: dict[str, dict[str, Any]] = {
@@ -31,6 +32,23 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "tp": dict(_TP),
     "fsdp_tp": {**_FSDP, **_TP},
 }
+
+
+def inference_strategy(strategy: str | Mapping[str, Any]) -> str | dict:
+    """Returns `strategy` without its fsdp weight sharding: what sampling holds weights in. A decode step under
+    fsdp would all-gather every weight at every token (the TPU plan measured ~the model's size per token)."""
+    if isinstance(strategy, str):
+        return {"fsdp": "dp", "fsdp_tp": "tp"}.get(strategy, strategy)
+    uses_fsdp = lambda axes: "fsdp" in (axes if isinstance(axes, (tuple, list)) else (axes,))  # noqa: E731
+    return {k: v for k, v in strategy.items() if not uses_fsdp(v)}
+
+
+def activation_sharding(mesh: Mesh, strategy) -> NamedSharding:
+    """Returns the sharding of decoder activations `[batch, seq, embed]`: batch over ('data', 'fsdp') under
+    every strategy; seq and embed by the strategy's `activation_length` / `activation_embed` rules (default
+    replicated: Megatron-style tp all-reduces back to full width between blocks)."""
+    rules = dict(logical_rules(strategy))
+    return NamedSharding(mesh, P(BATCH_AXES, rules.get("activation_length"), rules.get("activation_embed")))
 
 
 @dataclasses.dataclass(frozen=True)

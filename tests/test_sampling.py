@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rporec_jax import sharding as shd
 from rporec_jax.models import DecoderConfig, Model
@@ -132,3 +133,14 @@ def test_sharded_greedy_equals_one_device(model, strategy, mesh_cfg):
     out = _greedy(sharded).generate(PROMPTS, jax.random.key(0))
     np.testing.assert_array_equal(out.tokens, expected.tokens)
     np.testing.assert_allclose(out.logprobs, expected.logprobs, atol=1e-4)
+
+
+def test_rollout_role_holds_weights_without_fsdp(model):
+    # fsdp training weights are resharded once per generate call, not gathered at every decoded token
+    mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=4))
+    params = jax.device_put(jax.device_get(model.params), param_shardings(CONFIG, mesh, "fsdp"))
+    sampler = _greedy(Model(CONFIG, params, model.tokenizer, mesh=mesh, strategy="fsdp"))
+    assert sampler.strategy == "dp" and shd.inference_strategy("fsdp_tp") == "tp"
+    assert all(s.spec == P() or all(a is None for a in s.spec) for s in jax.tree_util.tree_leaves(
+        sampler.param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)))
+    assert shd.inference_strategy({"embed": "fsdp", "mlp": "tp", "heads": ("fsdp", "tp")}) == {"mlp": "tp"}

@@ -1,5 +1,7 @@
 """Sharded forward on 8 fake CPU devices equals the unsharded one for every strategy; memory shrinks."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -77,3 +79,19 @@ def test_user_defined_strategy_table():
     shardings = param_shardings(CONFIG, mesh, {"mlp": "fsdp", "vocab": ("data", "fsdp")})
     assert shardings["layers"]["mlp"]["up"]["kernel"].spec == jax.sharding.PartitionSpec(None, None, "fsdp")
     assert shardings["embed"]["embedding"].spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "tp"])
+def test_activations_at_block_boundaries_follow_the_strategy(strategy, reference):
+    # The decoder pins [batch, seq, embed] activations to batch over ('data', 'fsdp'), embed replicated: under
+    # fsdp, XLA would otherwise be free to keep activations split over embed like the weights they meet.
+    host_params, tokens, expected = reference
+    mesh = shd.make_mesh(MESHES[strategy])
+    params = jax.device_put(host_params, param_shardings(CONFIG, mesh, strategy))
+    model = Model(CONFIG, params, mesh=mesh, strategy=strategy)
+    assert model.module.activation_sharding == shd.activation_sharding(mesh, strategy)
+    text = jax.jit(model.apply).lower(params, tokens).as_text()
+    pinned = 'sdy.sharding_constraint %s <@mesh, [{"data", "fsdp"}, {}, {}]>'
+    assert len(re.findall(re.escape(pinned).replace("%s", r"%\d+"), text)) >= 2  # after embed and a block
+    np.testing.assert_allclose(np.asarray(model.apply(params, tokens)), expected, atol=1e-5, rtol=1e-5)
+    assert model.apply(params, tokens[:3]).shape[0] == 3  # a batch the mesh does not divide is left unpinned

@@ -6,7 +6,8 @@ parameters have a leading `layers` axis and a 30-layer model compiles one layer 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import math
+from typing import Any, NamedTuple, Optional
 
 import chex
 import flax.linen as nn
@@ -173,11 +174,22 @@ class MLP(nn.Module):
         return dense(c.hidden_size, ("mlp", "embed"), "down")(h)
 
 
+def constrain_activations(x: Array, sharding) -> Array:
+    """Returns `x` `[batch, seq, embed]` pinned to `sharding` (None: XLA's choice); a batch the sharding's batch
+    axes do not divide (a single prompt on a pod) is left to XLA rather than refused."""
+    if sharding is None:
+        return x
+    axes = sharding.spec[0] or ()
+    n = math.prod(sharding.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    return x if x.shape[0] % n else jax.lax.with_sharding_constraint(x, sharding)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). Scanned over layers: carry = hidden,
     scanned input = this layer's cached (k, v) or None, scanned output = this call's new (k, v)."""
 
     config: DecoderConfig
+    activation_sharding: Any = None
 
     @nn.compact
     def __call__(self, x, past_kv, cos, sin, mask, past_mask):
@@ -187,16 +199,20 @@ class DecoderLayer(nn.Module):
         h, new_kv = Attention(c, name="attn")(norm("input_norm")(x), cos, sin, mask, past)
         x = x + h
         x = x + MLP(c, name="mlp")(norm("post_attn_norm")(x))
-        return x, new_kv
+        return constrain_activations(x, self.activation_sharding), new_kv
 
 
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
 
 
 class Decoder(nn.Module):
-    """Token ids `[batch, seq]` -> DecoderOutput (logits `[batch, seq, vocab]`, final hidden, updated cache)."""
+    """Token ids `[batch, seq]` -> DecoderOutput (logits `[batch, seq, vocab]`, final hidden, updated cache).
+
+    activation_sharding: the NamedSharding of `[batch, seq, embed]` activations at block boundaries
+    (`sharding.activation_sharding`), so the strategy governs activations as it does weights."""
 
     config: DecoderConfig
+    activation_sharding: Any = None
 
     def setup(self):
         c = self.config
@@ -210,7 +226,7 @@ class Decoder(nn.Module):
             unroll=c.scan_unroll or c.num_layers,
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),  # past_kv scanned per layer
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c)
+        )(c, self.activation_sharding)
         self.final_norm = RMSNorm(c.rms_norm_eps, c.compute_dtype, c.weight_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=c.compute_dtype,
@@ -244,7 +260,7 @@ class Decoder(nn.Module):
         past_mask = None if cache is None else cache.valid[:, None, :]
 
         cos, sin = rope_tables(c, positions)
-        x = self.embed(tokens)
+        x = constrain_activations(self.embed(tokens), self.activation_sharding)
         x, (k_new, v_new) = self.layers(x, past_kv, cos, sin, mask_new, past_mask)
         hidden = self.final_norm(x)
         logits = self.unembed(hidden) if compute_logits else None

@@ -42,8 +42,8 @@ class Model:
 
     @property
     def module(self) -> Decoder:
-        """Returns the Flax module."""
-        return Decoder(self.config)
+        """Returns the Flax module (activations at block boundaries placed by the mesh and strategy)."""
+        return Decoder(self.config, None if self.mesh is None else shd.activation_sharding(self.mesh, self.strategy))
 
     def apply(self, params, tokens, positions=None, mask=None) -> jax.Array:
         """Returns logits `[batch, seq, vocab]` for tokens `[batch, seq]` (mask marks real tokens)."""

@@ -75,7 +75,7 @@ class StaticTower(nn.Module):
     @nn.compact
     def __call__(self, ids, mask):
         table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                     ("vocab", "rechead_embed")),
+                                                                     ("rechead_vocab", "rechead_embed")),
                            (self.vocab_size, self.dim))
         m = mask.astype(jnp.float32)
         summed = jnp.einsum("bt,btd->bd", m, jnp.take(table, ids, axis=0))

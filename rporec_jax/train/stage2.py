@@ -141,12 +141,18 @@ def policy_update(model, cfg: Stage2Config, state: TrainState, batch: dict) -> t
     """Returns (state after one GRPO update, metrics) for a rollout batch of R rows.
 
     batch: prompt_tokens/prompt_mask `[R, P]`, tokens/mask/entropies `[R, N]`, advantages `[R]`, and
-    old_logp `[R, N]` when cfg.use_rollout_logprobs. Pure: jit it with the state's shardings.
+    old_logp `[R, N]` when cfg.use_rollout_logprobs. Pure: jit it with the state's shardings. With a mesh on
+    `model`, every micro-batch is split over all batch devices and the gradient sum keeps the policy's shardings.
     """
     train, frozen = state.split_params()
     lcfg = cfg.loss
     norm = grpo_norm(batch["mask"], batch["entropies"], lcfg)  # whole-batch quantities: exact micro-batching
-    micro = split_micro_batches(batch, cfg.micro_batches)
+    rows_sharding = grad_shardings = None
+    if model.mesh is not None and cfg.micro_batches > 1:
+        mesh = model.mesh
+        rows_sharding = lambda nd: NamedSharding(mesh, P(None, shd.BATCH_AXES, *([None] * (nd - 2))))  # noqa: E731
+        grad_shardings = {"policy": model.param_shardings()}
+    micro = split_micro_batches(batch, cfg.micro_batches, rows_sharding)
 
     def logprobs(params, mb):
         return completion_logprobs(model, params, mb["prompt_tokens"], mb["prompt_mask"], mb["tokens"], mb["mask"],
@@ -158,7 +164,7 @@ def policy_update(model, cfg: Stage2Config, state: TrainState, batch: dict) -> t
         ref = jax.lax.stop_gradient(logprobs(frozen["reference"], mb)) if lcfg.beta > 0 else None
         return grpo_loss(logp, old, ref, mb["advantages"], mb["mask"], mb["entropies"], lcfg, norm)
 
-    loss, grads, aux = accumulate_gradients(loss_fn, train, micro)
+    loss, grads, aux = accumulate_gradients(loss_fn, train, micro, grad_shardings)
     state, gnorm = state.apply_gradients(grads)
     # every aux metric is already normalised by whole-batch counts, so micro-batch values add up
     metrics = {k: jnp.sum(v) for k, v in aux.items()}
