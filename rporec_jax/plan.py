@@ -210,8 +210,24 @@ def _trip_count(cond: list) -> Optional[int]:
     return None
 
 
+def _window(rest: str, key: str, n: int, default: int) -> list:
+    m = re.search(key + r"=([0-9_x]+)", rest)
+    if not m:
+        return [default] * n
+    return [tuple(int(v) for v in part.split("_")) if "_" in part else int(part) for part in m.group(1).split("x")]
+
+
+def _valid_pairs(out: int, size: int, stride: int, pad_lo: int, lhs: int, lhs_dilate: int, rhs_dilate: int) -> int:
+    """Returns how many (output, window) position pairs of one spatial dimension read a real input element
+    (not padding, not a hole of lhs dilation), as XLA's own cost analysis counts a convolution."""
+    span = (lhs - 1) * lhs_dilate
+    return sum(1 for o in range(out) for k in range(size)
+               if 0 <= (x := o * stride + k * rhs_dilate - pad_lo) <= span and x % lhs_dilate == 0)
+
+
 def _conv_flops(out_shape: str, rest: str, shapes: dict) -> float:
-    """Returns 2 * output elements * contraction size of a dot or convolution."""
+    """Returns the multiply-add FLOPs (x2) of a dot, or of a convolution counting only window positions that
+    meet real input (the TPU compiler writes some batched matmuls as padded, dilated convolutions)."""
     operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
     out = _arrays(out_shape)
     if not out or len(operands) < 2:
@@ -224,14 +240,24 @@ def _conv_flops(out_shape: str, rest: str, shapes: dict) -> float:
             return 0.0
         k = math.prod(lhs[0][1][int(d)] for d in dims.group(1).split(",") if d)
         return 2.0 * n_out * k
-    labels = re.search(r"dim_labels=([\w]+)_([\w]+)->", rest)
-    rhs = _arrays(shapes.get(operands[1], ""))
-    if not labels or not rhs:
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest)
+    lhs, rhs = _arrays(shapes.get(operands[0], "")), _arrays(shapes.get(operands[1], ""))
+    if not labels or not rhs or not lhs:
         return 0.0
-    kernel = labels.group(2)
-    k = math.prod(size for lab, size in zip(kernel, rhs[0][1]) if lab != "o")
+    lhs_l, rhs_l, out_l = labels.groups()
+    lhs_d, rhs_d, out_d = lhs[0][1], rhs[0][1], out[0][1]
+    spatial = sorted({c for c in rhs_l if c.isdigit()})
+    n = len(spatial)
+    size = [rhs_d[rhs_l.index(c)] for c in spatial]
+    stride, lhs_dil, rhs_dil = _window(rest, "stride", n, 1), _window(rest, "lhs_dilate", n, 1), \
+        _window(rest, "rhs_dilate", n, 1)
+    pad = _window(rest, "pad", n, (0, 0))
+    pairs = math.prod(_valid_pairs(out_d[out_l.index(c)], size[i], stride[i], pad[i][0], lhs_d[lhs_l.index(c)],
+                                   lhs_dil[i], rhs_dil[i]) for i, c in enumerate(spatial))
     groups = re.search(r"feature_group_count=(\d+)", rest)
-    return 2.0 * n_out * k / (int(groups.group(1)) if groups else 1)
+    in_features = rhs_d[rhs_l.index("i")]
+    non_spatial_out = n_out // max(1, math.prod(out_d[out_l.index(c)] for c in spatial))
+    return 2.0 * non_spatial_out * pairs * in_features / (int(groups.group(1)) if groups else 1)
 
 
 _SLICES = ("dynamic-slice", "slice", "gather")
