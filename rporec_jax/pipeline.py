@@ -267,17 +267,27 @@ class Pipeline:
         return ocp.CheckpointManager((self.run_dir / "ckpt" / "stage2").absolute(), options=opts)
 
     @staticmethod
-    def _saved(state) -> dict:
-        """Returns what a stage-2 checkpoint holds (the reference is the backbone itself: not saved)."""
-        return {"step": state.step, "policy": state.params["policy"], "rechead": state.params["rechead"],
-                "opt_state": state.opt_state, "key": jax.random.key_data(state.key)}
+    def _saved(state, trainer) -> dict:
+        """Returns what a stage-2 checkpoint holds (the reference is the backbone itself: not saved), with the
+        refresh Rechead's own state (its optimizer and step) when the Rechead is refreshed."""
+        out = {"step": state.step, "policy": state.params["policy"], "rechead": state.params["rechead"],
+               "opt_state": state.opt_state, "key": jax.random.key_data(state.key)}
+        r = trainer.refresh_state
+        if r is not None:
+            out["refresh"] = {"step": r.step, "rechead": r.params["rechead"], "opt_state": r.opt_state,
+                              "key": jax.random.key_data(r.key)}
+        return out
 
-    def _restore_stage2(self, state, manager, step: int):
+    def _restore_stage2(self, state, trainer, manager, step: int):
         import orbax.checkpoint as ocp
 
         like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                      self._saved(state))
+                                      self._saved(state, trainer))
         got = manager.restore(step, args=ocp.args.StandardRestore(like))
+        if "refresh" in got:
+            r, st = got["refresh"], trainer.refresh_state
+            trainer.refresh_state = st.replace(step=r["step"], params={**st.params, "rechead": r["rechead"]},
+                                               opt_state=r["opt_state"], key=jax.random.wrap_key_data(r["key"]))
         return state.replace(step=got["step"], params={**state.params, "policy": got["policy"],
                                                        "rechead": got["rechead"]},
                              opt_state=got["opt_state"], key=jax.random.wrap_key_data(got["key"]))
@@ -292,6 +302,7 @@ class Pipeline:
         ref_dtype = DTYPES[cfg.stage2.reference_dtype] if cfg.stage2.reference_dtype else None
         state = stage2_state(s1, jax.tree_util.tree_map(jnp.copy, p.model.params), cfg.stage2.optim, ref_dtype)
         trainer = GRPOTrainer(p.model, p.head, p.encoder, p.ds, cfg.stage2, p.mesh, limit=self.limit("train"))
+        trainer.init_refresh(state)  # now, not at the first refresh: every checkpoint then holds its state
         return trainer, state
 
     def run_stage2(self) -> None:
@@ -304,7 +315,7 @@ class Pipeline:
         start = 0
         if manager.latest_step() is not None:
             start = manager.latest_step()
-            state = self._restore_stage2(state, manager, start)
+            state = self._restore_stage2(state, trainer, manager, start)
             self.logger.summary("stage2", f"resumed from the checkpoint of step {start}")
         self.logger.truncate_after("stage2", start)  # steps logged after the checkpoint are run again
         every = cfg.checkpoint.every_steps
@@ -314,7 +325,7 @@ class Pipeline:
             if samples:
                 self.logger.samples("stage2", step, samples)
             if (every and step % every == 0) or step == cfg.stage2.steps:
-                manager.save(step, args=_standard_save(self._saved(st)))
+                manager.save(step, args=_standard_save(self._saved(st, trainer)))
 
         stopped = {"flag": False}
 
@@ -327,7 +338,7 @@ class Pipeline:
             if stopped["flag"]:
                 step = int(state.step)
                 if manager.latest_step() != step:
-                    manager.save(step, args=_standard_save(self._saved(state)))
+                    manager.save(step, args=_standard_save(self._saved(state, trainer)))
                 manager.wait_until_finished()
                 raise Interrupted(f"stage2 at step {step}")
         finally:
@@ -344,12 +355,12 @@ class Pipeline:
         """Returns the final stage-2 state (from this process or the run directory's latest checkpoint)."""
         if self.stage2_state is not None:
             return self.stage2_state
-        _, state = self.stage2_setup()
+        trainer, state = self.stage2_setup()
         manager = self._stage2_manager()
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"{self.run_dir / 'ckpt' / 'stage2'} holds no checkpoint; run stage2 first")
-        self.stage2_state = self._restore_stage2(state, manager, step)
+        self.stage2_state = self._restore_stage2(state, trainer, manager, step)
         manager.close()
         return self.stage2_state
 

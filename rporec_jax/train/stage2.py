@@ -254,6 +254,7 @@ class GRPOTrainer:
                                     cfg.assume_think_open)
         self._update = None
         self.refresh_state: Optional[TrainState] = None
+        self._refresh_step = None
 
     def rollout(self, state: TrainState, step: int):
         """Returns (record indices [B], SampleOutput of B * G rows) of `step` under the current policy."""
@@ -315,6 +316,17 @@ class GRPOTrainer:
                    for r in range(min(cfg.log_samples, len(recs)))]
         return state, metrics, samples
 
+    def init_refresh(self, state: TrainState) -> None:
+        """Sets `refresh_state` (the refreshed Rechead's own trainable state: `state`'s Rechead, a fresh
+        optimizer) when the config refreshes the Rechead and it is not set yet; checkpoints save it."""
+        if not self.cfg.refresh_every or self.refresh_state is not None:
+            return
+        # copies: the GRPO step donates its state, so the two states must not share buffers
+        params = jax.tree_util.tree_map(jnp.copy, {k: state.params[k] for k in ("rechead", "items")})
+        self.refresh_state = compose(set_trainable("rechead"), attach_optimizer(
+            OptimConfig(lr=self.cfg.refresh_lr, weight_decay=0.0).make()))(
+            TrainState.create(params, jax.random.key(self.cfg.seed + 7), self.mesh))
+
     def refresh(self, state: TrainState, examples: Optional[dict]) -> tuple[TrainState, dict]:
         """Returns (state with the Rechead trained on this step's rollouts, refresh metrics): `refresh_steps`
         stage-1 steps on a separate Rechead optimizer, then the new Rechead swapped into the frozen slot."""
@@ -322,12 +334,8 @@ class GRPOTrainer:
 
         if examples is None:
             raise ValueError("Rechead refresh needs a text Rechead (text_fusion or prompt_only)")
-        if self.refresh_state is None:
-            # copies: the GRPO step donates its state, so the two states must not share buffers
-            params = jax.tree_util.tree_map(jnp.copy, {k: state.params[k] for k in ("rechead", "items")})
-            self.refresh_state = compose(set_trainable("rechead"), attach_optimizer(
-                OptimConfig(lr=self.cfg.refresh_lr, weight_decay=0.0).make()))(
-                TrainState.create(params, jax.random.key(self.cfg.seed + 7), self.mesh))
+        self.init_refresh(state)
+        if self._refresh_step is None:
             self._refresh_step = make_stage1_step(self.head, self.refresh_state, self.mesh)
         losses = []
         for _ in range(self.cfg.refresh_steps):
