@@ -113,12 +113,16 @@ def main(argv=None) -> int:
         print(f"[launch] error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     distributed.initialize(cfg.distributed)
-    if args.command == "export":
-        return export(cfg, run_dir, args.out)
-    if args.command == "recommend":
-        return recommend(cfg, run_dir, args.user, args.split)
+    from rporec_jax.pipeline import Interrupted, Pipeline, RunDirError
 
-    from rporec_jax.pipeline import Interrupted, Pipeline
+    if args.command in ("export", "recommend"):
+        try:
+            if args.command == "export":
+                return export(cfg, run_dir, args.out)
+            return recommend(cfg, run_dir, args.user, args.split)
+        except (C.ConfigError, RunDirError) as e:
+            print(f"[launch] error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
 
     if not args.no_preflight:
         from rporec_jax import plan as PL
@@ -133,7 +137,7 @@ def main(argv=None) -> int:
     stop.install()
     try:
         pipe = Pipeline(cfg, run_dir, resume=args.resume, should_stop=stop, progress=not args.no_progress)
-    except (C.ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (C.ConfigError, FileNotFoundError, FileExistsError, RunDirError) as e:
         print(f"[launch] error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     say = print if distributed.is_primary() else (lambda *a, **k: None)  # one voice on a multi-process run
@@ -148,8 +152,11 @@ def main(argv=None) -> int:
         print(f"[launch] non-finite value: {e}\n  the last good checkpoint in {run_dir}/ckpt is kept",
               file=sys.stderr)
         return EXIT_NONFINITE
+    except RunDirError as e:  # the data changed under a resumed run
+        print(f"[launch] error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     finally:
-        pipe.logger.close()
+        pipe.close()
     say(f"[launch] report: {Path(run_dir) / 'report.md'}", flush=True)
     return 0
 
@@ -186,7 +193,8 @@ def plan(args) -> int:
 
 
 def export(cfg, run_dir: str, out: str) -> int:
-    """Writes the tuned backbone (latest stage-2 checkpoint) as an HF model directory at `out`."""
+    """Writes the tuned backbone (latest stage-2 checkpoint) as an HF model directory at `out` (the run
+    directory is only read)."""
     import dataclasses
 
     from rporec_jax.models import save_model
@@ -195,7 +203,7 @@ def export(cfg, run_dir: str, out: str) -> int:
     if not out:
         print("[launch] export needs --out DIR", file=sys.stderr)
         return EXIT_BAD_INPUT
-    pipe = Pipeline(cfg, run_dir, resume=True, progress=False)
+    pipe = Pipeline(cfg, run_dir, read_only=True, progress=False)
     state = pipe.restore_stage2()
     model = dataclasses.replace(pipe.parts.model, params=state.params["policy"])
     path = save_model(model, out)
@@ -204,7 +212,8 @@ def export(cfg, run_dir: str, out: str) -> int:
 
 
 def recommend(cfg, run_dir: str, user: int, split: str) -> int:
-    """Prints the tuned policy's reasoning and the Rechead's top-10 items for `user`'s instance in `split`."""
+    """Prints the tuned policy's reasoning and the Rechead's top-10 items for `user`'s instance in `split` (the
+    run directory is only read)."""
     import dataclasses
 
     import jax
@@ -218,7 +227,7 @@ def recommend(cfg, run_dir: str, user: int, split: str) -> int:
     if user is None:
         print("[launch] recommend needs --user ID", file=sys.stderr)
         return EXIT_BAD_INPUT
-    pipe = Pipeline(cfg, run_dir, resume=True, progress=False)
+    pipe = Pipeline(cfg, run_dir, read_only=True, progress=False)
     p = pipe.build()
     rec = next((r for r in p.ds.records(split) if r["user"] == user), None)
     if rec is None:

@@ -5,7 +5,8 @@ Every stage leaves its result on disk (CoT shards, the best stage-1 Rechead, sta
 GRPO data order and keys depend only on (seed, step), so a resumed run repeats an uninterrupted one.
 
 run_dir/
-  config.json   resolved config          progress.json  finished stages, result rows, stage-2 step
+  config.json   resolved config          progress.json  finished stages, result rows, the data's pin
+  run.lock      pid + host of the live run (removed at exit; one left by a dead process on this host is ignored)
   metrics.jsonl tb/ samples.jsonl run.log (RunLogger)       cot/<split>/  ckpt/stage1_rechead ckpt/stage2
   report.md report.json plots/ (rporec_jax.report)
 """
@@ -15,7 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import socket
 import time
+import weakref
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,12 +37,17 @@ log = logging.getLogger(__name__)
 
 PROGRESS = "progress.json"
 CONFIG = "config.json"
+LOCK = "run.lock"
 # Keys a resumed run may change: what runs next and how it is checkpointed/evaluated, not what was trained.
 RESUME_MAY_CHANGE = ("stages", "checkpoint.", "eval.", "distributed.")
 
 
 class Interrupted(Exception):
     """Raised when a stop was requested (SIGTERM/SIGINT) and the current stage saved its state."""
+
+
+class RunDirError(Exception):
+    """Raised when the run directory cannot be used: another live run holds it, or its data changed."""
 
 
 @dataclasses.dataclass
@@ -56,12 +65,16 @@ class Pipeline:
     """Runs `cfg`'s stages in `run_dir`; `should_stop()` is polled between steps (preemption)."""
 
     def __init__(self, cfg: C.RunConfig, run_dir: str, resume: bool = False,
-                 should_stop: Callable[[], bool] = lambda: False, progress: bool = True):
+                 should_stop: Callable[[], bool] = lambda: False, progress: bool = True, read_only: bool = False):
+        """`read_only` opens a finished run for queries (export, recommend): nothing in `run_dir` is written."""
         self.cfg, self.run_dir, self.should_stop, self.progress = cfg, Path(run_dir), should_stop, progress
         self.primary = jax.process_index() == 0
-        self._open_run_dir(resume)
-        self.logger = RunLogger(str(self.run_dir), enabled=self.primary)
+        self.read_only = read_only
+        self._unlock = None
+        self._open_run_dir(resume or read_only)
+        self.logger = RunLogger(str(self.run_dir), enabled=self.primary and not read_only)
         self.parts: Optional[Parts] = None
+        self._ds = None
         self.stage1_state = None
         self.stage2_state = None
         self.t0 = time.time()
@@ -70,32 +83,63 @@ class Pipeline:
 
     def _open_run_dir(self, resume: bool) -> None:
         cfg_path, prog_path = self.run_dir / CONFIG, self.run_dir / PROGRESS
-        if resume:
-            if not cfg_path.exists():
-                raise FileNotFoundError(f"--resume: {cfg_path} does not exist; start the run without --resume")
-            saved = C.from_dict(json.loads(cfg_path.read_text()))
-            changed = [k for k in C.config_diff(saved, self.cfg) if not k.startswith(RESUME_MAY_CHANGE)]
-            if changed:
-                raise C.ConfigError(f"--resume: the config differs from {cfg_path} in {changed}; a resumed run must "
-                                    f"train what it started (only {RESUME_MAY_CHANGE} may change). Start a new "
-                                    f"--run_dir instead")
-            self.progress_state = json.loads(prog_path.read_text()) if prog_path.exists() else {}
-        else:
-            if prog_path.exists():
-                raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
-                                      f"another --run_dir")
-            self.progress_state = {}
+        if resume and not cfg_path.exists():
+            raise FileNotFoundError(f"--resume: {cfg_path} does not exist; start the run without --resume")
+        if not self.read_only:
+            self._lock_run_dir()
+        try:
+            if resume:
+                saved = C.from_dict(json.loads(cfg_path.read_text()))
+                changed = [k for k in C.config_diff(saved, self.cfg) if not k.startswith(RESUME_MAY_CHANGE)]
+                if changed:
+                    raise C.ConfigError(f"--resume: the config differs from {cfg_path} in {changed}; a resumed run "
+                                        f"must train what it started (only {RESUME_MAY_CHANGE} may change). Start "
+                                        f"a new --run_dir instead")
+                self.progress_state = json.loads(prog_path.read_text()) if prog_path.exists() else {}
+            else:
+                if prog_path.exists():
+                    raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it or "
+                                          f"choose another --run_dir")
+                self.progress_state = {}
+        except BaseException:
+            if self._unlock is not None:
+                self._unlock()
+            raise
         self.progress_state.setdefault("done", [])
         self.progress_state.setdefault("results", [])
+        if self.read_only:
+            return
         if jax.process_count() > 1:  # every process has read the dir before process 0 writes to it
             multihost_utils.sync_global_devices("rporec_jax: run dir checked")
         if self.primary:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(cfg_path, C.to_dict(self.cfg))
             write_json(prog_path, self.progress_state)
 
-    def _save_progress(self) -> None:
+    def _lock_run_dir(self) -> None:
+        """Takes `run_dir/run.lock` on process 0 (the other processes learn whether it got it); raises
+        RunDirError when a live run holds it. The lock goes at `close()` or when the Pipeline is collected."""
+        refused = None
         if self.primary:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                path = _acquire_lock(self.run_dir / LOCK)
+                self._unlock = weakref.finalize(self, _release_lock, path)
+            except RunDirError as e:
+                refused = e
+        # process 0 alone decides; the others must not go on (or wait at a barrier) without it
+        if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(refused is None)):
+            refused = refused or RunDirError(f"{self.run_dir} is in use by another run (see process 0)")
+        if refused is not None:
+            raise refused
+
+    def close(self) -> None:
+        """Closes the logs and releases the run directory's lock (calling it again does nothing)."""
+        self.logger.close()
+        if self._unlock is not None:
+            self._unlock()
+
+    def _save_progress(self) -> None:
+        if self.primary and not self.read_only:
             write_json(self.run_dir / PROGRESS, self.progress_state)
 
     def _done(self, stage: str) -> bool:
@@ -119,18 +163,11 @@ class Pipeline:
         """Returns the shared parts (built once): mesh, dataset, backbone, encoder, Rechead config."""
         if self.parts is not None:
             return self.parts
-        from rporec_jax.data import load_dataset
-
         cfg = self.cfg
         mesh = shd.make_mesh(cfg.mesh)
         backbone = C.resolve_backbone_path(cfg)
         encoder_path = C.resolve_encoder_path(cfg)
-        data_cfg = cfg.data
-        if not data_cfg.tokenizer and backbone != C.TINY_RANDOM:
-            data_cfg = dataclasses.replace(data_cfg, tokenizer=backbone)
-        t = time.time()
-        ds = load_dataset(data_cfg)
-        self.logger.summary("data", f"{ds.path}: {ds.num_items} items ({time.time() - t:.0f} s)")
+        ds = self.dataset()
         texts = ds.item_texts[1:] + [ds.manifest["instruction"], ds.prompt_builder().user_content([1])]
         if backbone == C.TINY_RANDOM:
             from rporec_jax.models.tiny import tiny_decoder
@@ -157,6 +194,41 @@ class Pipeline:
         self.parts = Parts(ds, model, encoder, head, mesh)
         return self.parts
 
+    def dataset(self):
+        """Returns the prepared dataset, pinned to the run: the first load records its fingerprint and inputs
+        in progress.json, later ones (a resumed run, export, recommend) raise RunDirError if the data changed."""
+        if self._ds is not None:
+            return self._ds
+        from rporec_jax.data import load_dataset
+        from rporec_jax.train.cot import MANIFEST as COT_MANIFEST
+
+        data_cfg = self.cfg.data
+        backbone = C.resolve_backbone_path(self.cfg)
+        if not data_cfg.tokenizer and backbone != C.TINY_RANDOM:
+            data_cfg = dataclasses.replace(data_cfg, tokenizer=backbone)
+        t = time.time()
+        ds = load_dataset(data_cfg)
+        fp = ds.manifest["fingerprint"]
+        pin = self.progress_state.get("data")
+        changes = _data_changes(pin, ds) if pin is not None and pin["fingerprint"] != fp else []
+        # the CoT records the data it was generated from (also in runs started before the pin existed)
+        for split in ("train", "valid", "test"):
+            path = self.cot_dir(split) / COT_MANIFEST
+            cot_fp = json.loads(path.read_text()).get("dataset_fingerprint") if path.exists() else None
+            if cot_fp not in (None, fp) and not changes:
+                changes = [f"{path} was generated from dataset {cot_fp[:12]}, the data now gives {fp[:12]}"]
+        if changes:
+            raise RunDirError(f"{self.run_dir}: the data changed since the run started ({'; '.join(changes)}); a "
+                              f"run goes on with the data it started with: restore it or start a new --run_dir")
+        if pin is None:
+            self.progress_state["data"] = {"fingerprint": fp, "path": str(ds.path), "num_items": ds.num_items,
+                                           "inputs": [{k: i[k] for k in ("path", "bytes", "sha256")}
+                                                      for i in ds.manifest["inputs"]]}
+            self._save_progress()
+        self.logger.summary("data", f"{ds.path}: {ds.num_items} items ({time.time() - t:.0f} s)")
+        self._ds = ds
+        return ds
+
     def limit(self, split: str) -> Optional[int]:
         """Returns the instance limit of `split` (None = all)."""
         return self.cfg.limits.get(split)
@@ -165,6 +237,8 @@ class Pipeline:
 
     def run(self) -> dict:
         """Runs the configured stages (skipping finished ones) and returns the report dict."""
+        if not all(self._done(s) for s in self.cfg.stages):
+            self.dataset()  # changed data is refused before any model is built
         for stage in self.cfg.stages:
             if self._done(stage):
                 self.logger.summary(stage, "already done (resumed run): skipped")
@@ -263,7 +337,8 @@ class Pipeline:
         import orbax.checkpoint as ocp
 
         c = self.cfg.checkpoint
-        opts = ocp.CheckpointManagerOptions(max_to_keep=c.keep_last, enable_async_checkpointing=c.async_save)
+        opts = ocp.CheckpointManagerOptions(max_to_keep=None if self.read_only else c.keep_last,
+                                            enable_async_checkpointing=c.async_save, read_only=self.read_only)
         return ocp.CheckpointManager((self.run_dir / "ckpt" / "stage2").absolute(), options=opts)
 
     @staticmethod
@@ -467,3 +542,67 @@ def _standard_save(tree):
     import orbax.checkpoint as ocp
 
     return ocp.args.StandardSave(tree)
+
+
+def _data_changes(pin: dict, ds) -> list[str]:
+    """Returns what differs between the pinned data and the prepared dataset `ds`, one phrase per change."""
+    old = {i["path"]: i for i in pin["inputs"]}
+    new = {i["path"]: i for i in ds.manifest["inputs"]}
+    out = []
+    for path in sorted(old.keys() | new.keys()):
+        a, b = old.get(path), new.get(path)
+        if b is None or a is None:
+            out.append(f"{path} is {'no longer' if b is None else 'now'} an input")
+        elif a["sha256"] != b["sha256"]:
+            out.append(f"{path}: {a['bytes']} -> {b['bytes']} bytes, sha256 {a['sha256'][:12]} -> "
+                       f"{b['sha256'][:12]}")
+    if pin["num_items"] != ds.num_items:
+        out.append(f"{pin['num_items']} -> {ds.num_items} items")
+    # same inputs, other dataset: the tokenizer's contents or the prepared format (FORMAT_VERSION) changed
+    return out or [f"the tokenizer or the prepared format: dataset {pin['fingerprint'][:12]} -> "
+                   f"{ds.manifest['fingerprint'][:12]}"]
+
+
+def _acquire_lock(path: Path) -> Path:
+    """Creates the lock file `path` holding this process's pid and host, atomically; returns `path`. A lock
+    left by a dead process of this host is replaced; a live (or other host's) one raises RunDirError."""
+    host = socket.gethostname()
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            pid, where = holder.get("pid"), holder.get("host")
+            if where == host and isinstance(pid, int) and not _pid_alive(pid):
+                log.warning("%s: removing the lock of pid %d, which is no longer running", path, pid)
+                path.unlink(missing_ok=True)
+                continue
+            raise RunDirError(f"{path.parent} is in use by pid {pid} on host {where} (since {holder.get('since')}); "
+                              f"wait for that run to end, or delete {path} if it is not running") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        return path
+    raise RunDirError(f"{path.parent}: another process took the lock {path} first")
+
+
+def _release_lock(path: Path) -> None:
+    # only our own lock: a forked child exiting must not drop its parent's
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    """Returns whether a process `pid` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
