@@ -329,9 +329,27 @@ class Pipeline:
         params = init_rechead(p.head, jax.random.key(cfg.stage1.seed), example)
         state = stage1_state(p.head, params, items, cfg.stage1.optim, jax.random.key(cfg.stage1.seed + 1), p.mesh,
                              cfg.strategy)
-        _, best = restore_best_rechead(str(self.run_dir / "ckpt"), state.params["rechead"])
+        from rporec_jax.train.ckpt_integrity import CheckpointCorrupt
+
+        try:
+            _, best = restore_best_rechead(str(self.run_dir / "ckpt"), state.params["rechead"])
+        except CheckpointCorrupt as e:
+            raise RunDirError(str(e)) from None
         self.stage1_state = state.replace(params={**state.params, "rechead": best})
         return self.stage1_state
+
+    def _stage2_root(self) -> Path:
+        return (self.run_dir / "ckpt" / "stage2").absolute()
+
+    def _intact_stage2_step(self):
+        """Returns the newest stage-2 step whose files match their checksums (None when there is none); a
+        corrupt newer step is named in a warning and, unless read-only, moved to ckpt/stage2.corrupt/."""
+        from rporec_jax.train.ckpt_integrity import CheckpointCorrupt, newest_intact
+
+        try:
+            return newest_intact(self._stage2_root(), quarantine=not self.read_only and jax.process_index() == 0)
+        except CheckpointCorrupt as e:
+            raise RunDirError(str(e)) from None
 
     def _stage2_manager(self):
         import orbax.checkpoint as ocp
@@ -339,7 +357,7 @@ class Pipeline:
         c = self.cfg.checkpoint
         opts = ocp.CheckpointManagerOptions(max_to_keep=None if self.read_only else c.keep_last,
                                             enable_async_checkpointing=c.async_save, read_only=self.read_only)
-        return ocp.CheckpointManager((self.run_dir / "ckpt" / "stage2").absolute(), options=opts)
+        return ocp.CheckpointManager(self._stage2_root(), options=opts)
 
     @staticmethod
     def _saved(state, trainer) -> dict:
@@ -382,14 +400,17 @@ class Pipeline:
 
     def run_stage2(self) -> None:
         """Runs GRPO, checkpointing every `checkpoint.every_steps` steps and when a stop is requested."""
+        from rporec_jax.train.ckpt_integrity import seal
         from rporec_jax.train.stage2 import fit_stage2
 
         cfg = self.cfg
         trainer, state = self.stage2_setup()
+        found = self._intact_stage2_step()
         manager = self._stage2_manager()
+        root, sealer = self._stage2_root(), jax.process_index() == 0
         start = 0
-        if manager.latest_step() is not None:
-            start = manager.latest_step()
+        if found is not None:
+            start = found
             state = self._restore_stage2(state, trainer, manager, start)
             self.logger.summary("stage2", f"resumed from the checkpoint of step {start}")
         self.logger.truncate_after("stage2", start)  # steps logged after the checkpoint are run again
@@ -401,6 +422,8 @@ class Pipeline:
                 self.logger.samples("stage2", step, samples)
             if (every and step % every == 0) or step == cfg.stage2.steps:
                 manager.save(step, args=_standard_save(self._saved(st, trainer)))
+                if sealer:  # save() waited for the earlier steps: they are final, this one may still be writing
+                    seal(root, below=step)
 
         stopped = {"flag": False}
 
@@ -419,6 +442,8 @@ class Pipeline:
         finally:
             manager.wait_until_finished()
             manager.close()
+            if sealer:
+                seal(root)
         self.stage2_state = state
         if hist:
             last = hist[-1]
@@ -431,8 +456,8 @@ class Pipeline:
         if self.stage2_state is not None:
             return self.stage2_state
         trainer, state = self.stage2_setup()
+        step = self._intact_stage2_step()
         manager = self._stage2_manager()
-        step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"{self.run_dir / 'ckpt' / 'stage2'} holds no checkpoint; run stage2 first")
         self.stage2_state = self._restore_stage2(state, trainer, manager, step)

@@ -250,8 +250,12 @@ def run_stage1(ds, encoder, head: RecheadConfig, cfg: Stage1Config, cot: Optiona
     state, history = fit_stage1(state, head, examples["train"], cfg, mesh,
                                 on_eval if "valid" in examples else None)
     if manager is not None:
+        from rporec_jax.train.ckpt_integrity import seal
+
         manager.wait_until_finished()
         manager.close()
+        if jax.process_index() == 0:
+            seal(str(manager.directory))
     report = {"history": history, "best_step": best["step"], f"best_valid_{cfg.select_metric}": best["score"]}
     if best["rechead"] is not None:  # report every split at the best validation step, as selected
         shardings = jax.tree_util.tree_map(lambda x: x.sharding, state.params["rechead"])
@@ -277,7 +281,11 @@ def restore_best_rechead(checkpoint_dir: str, like: dict) -> tuple[int, dict]:
 
     import orbax.checkpoint as ocp
 
-    with ocp.CheckpointManager(os.path.abspath(os.path.join(checkpoint_dir, "stage1_rechead"))) as m:
+    from rporec_jax.train.ckpt_integrity import newest_intact
+
+    root = os.path.abspath(os.path.join(checkpoint_dir, "stage1_rechead"))
+    newest_intact(root)  # only the best is kept: a corrupt one raises CheckpointCorrupt, there is no fallback
+    with ocp.CheckpointManager(root) as m:
         step = m.best_step() if m.best_step() is not None else m.latest_step()
         if step is None:
             raise FileNotFoundError(f"{checkpoint_dir}/stage1_rechead holds no checkpoint")
