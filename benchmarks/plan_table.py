@@ -20,7 +20,7 @@ STRATEGIES = {"dp": ["mesh.data=-1", "mesh.fsdp=1", "mesh.tp=1"],
               "fsdp_tp": ["mesh.data=-1", "mesh.fsdp=4", "mesh.tp=2"]}
 
 
-def run(out: Path, config: str, topologies, strategies, extra) -> None:
+def run(out: Path, config: str, topologies, strategies, extra, programs=None) -> None:
     import jax
 
     from rporec_jax import config as C
@@ -36,17 +36,30 @@ def run(out: Path, config: str, topologies, strategies, extra) -> None:
             print(f"== {topo} {strategy}", flush=True)
             with jax.default_matmul_precision("default"):
                 try:
-                    report = PL.plan(cfg, topo, log=lambda s: print(s, flush=True))
+                    report = PL.plan(cfg, topo, programs=programs, log=lambda s: print(s, flush=True))
                 except PL.PlanError as e:
                     report = {"topology": topo, "strategy": strategy, "error": str(e), "rows": []}
             cell.write_text(json.dumps(report, indent=1))
 
 
-def table(out: Path, config: str) -> str:
-    """Returns the markdown table of every saved cell: per-chip peak, estimated time and collective bytes."""
+PROGRAMS = ("cot_sampler", "rollout_sampler", "stage1_step", "rechead_scoring", "grpo_update", "sasrec_step")
+
+
+def _cell(r: dict) -> str:
     gib = 1024 ** 3
-    lines = ["| topology | strategy | program | peak / HBM per chip | fits | est. time | bound | collective GB |",
-             "|---|---|---|---|---|---|---|---|"]
+    if not r["fits"]:
+        return f"**{r['peak_bytes'] / gib:.1f} GiB: no**"
+    t = r["time_s"]
+    coll = f", {r['collective_bytes'] / 1e9:.1f} GB coll." if r["collective_bytes"] >= 1e8 else ""
+    return f"{r['peak_bytes'] / gib:.1f} GiB, {t * 1e3:.1f} ms" if t < 1 else \
+        f"{r['peak_bytes'] / gib:.1f} GiB, {t:.2f} s ({r['bound']}{coll})"
+
+
+def table(out: Path, config: str) -> str:
+    """Returns a markdown table, a row per (topology, strategy) and a column per program: per-chip peak
+    memory and estimated time (bound and collective bytes for the long programs), or the peak that does not
+    fit."""
+    lines = ["| topology | strategy | " + " | ".join(PROGRAMS) + " |", "|---|---|" + "---|" * len(PROGRAMS)]
     for topo in TOPOLOGIES:
         for strategy in STRATEGIES:
             cell = out / f"{config}-{topo}-{strategy}.json"
@@ -54,13 +67,11 @@ def table(out: Path, config: str) -> str:
                 continue
             rep = json.loads(cell.read_text())
             if rep.get("error"):
-                lines.append(f"| {topo} | {strategy} | - | {rep['error'][:90]} | - | - | - | - |")
-            for r in rep["rows"]:
-                t = r["time_s"]
-                time_s = "-" if t != t else (f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s")
-                lines.append(f"| {topo} | {strategy} | {r['program']} | {r['peak_bytes'] / gib:.2f} / "
-                             f"{r['hbm_bytes'] / gib:.0f} GiB | {'yes' if r['fits'] else '**no**'} | {time_s} | "
-                             f"{r['bound']} | {r['collective_bytes'] / 1e9:.2f} |")
+                lines.append(f"| {topo} | {strategy} | {rep['error'][:120]} |" + " |" * (len(PROGRAMS) - 1))
+                continue
+            rows = {r["program"]: r for r in rep["rows"]}
+            lines.append(f"| {topo} | {strategy} (mesh {'x'.join(str(v) for v in rep['mesh'].values())}) | "
+                         + " | ".join(_cell(rows[p]) if p in rows else "-" for p in PROGRAMS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -71,11 +82,13 @@ def main(argv=None) -> int:
     ap.add_argument("--topologies", default=",".join(TOPOLOGIES))
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--set", action="append", default=[], help="extra config overrides for every cell")
+    ap.add_argument("--programs", default=None, help="comma list of programs (default: all)")
     ap.add_argument("--report", action="store_true", help="print the table of saved cells, compile nothing")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if not args.report:
-        run(out, args.config, args.topologies.split(","), args.strategies.split(","), args.set)
+        run(out, args.config, args.topologies.split(","), args.strategies.split(","), args.set,
+            args.programs.split(",") if args.programs else None)
     print(table(out, args.config))
     return 0
 

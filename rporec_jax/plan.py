@@ -625,7 +625,11 @@ def build_programs(cfg, mesh: Mesh, num_items: int) -> list[Program]:
         state = _abstract_state({"rechead": head_params, "items": items, "policy": policy, "reference": reference},
                                 ("policy",), s2.optim.make(), mesh)
         st_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
-        rows = round_up(s2.batch_size * s2.num_samples)
+        rows = s2.batch_size * s2.num_samples
+        if (rows // s2.micro_batches) % multiple:  # the trainer's own check, before compiling anything
+            raise PlanError(f"stage 2: {rows} rows / {s2.micro_batches} micro-batches = {rows // s2.micro_batches} "
+                            f"rows per update, not divisible by the mesh's batch size {multiple}; change "
+                            "stage2.batch_size, num_samples or micro_batches")
         plen, n = max(s2.prompt_buckets), s2.max_new_tokens
         bs = lambda nd: shd.batch_sharding(mesh, nd)  # noqa: E731
         batch = {"prompt_tokens": _sds((rows, plen), jnp.int32, bs(2)), "prompt_mask": _sds((rows, plen), bool, bs(2)),
