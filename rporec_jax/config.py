@@ -243,8 +243,8 @@ MESH_PRESETS = {
     "cpu-8": MeshPreset(MeshConfig(data=2, fsdp=2, tp=2), "fsdp_tp", 8,
                         "8 fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8): every mesh axis"),
     "tpu-v5e-8": MeshPreset(MeshConfig(data=1, fsdp=8, tp=1), "fsdp", 8,
-                            "one v5e-8 host, 8 chips x 16 GB: parameters and optimizer state sharded 8 ways; the paper's "
-                            "GRPO update fits with stage2.micro_batches=8 (docs/sharding.md)"),
+                            "one v5e-8 host, 8 chips x 16 GB: parameters and optimizer state sharded 8 ways; the "
+                            "paper's GRPO update fits with stage2.micro_batches=8 (docs/sharding.md)"),
     "tpu-v4-32": MeshPreset(MeshConfig(data=2, fsdp=8, tp=1), "fsdp", 16,
                             "v4-32 = 16 chips on 4 hosts: FSDP over 8 chips, 2 data-parallel replicas; the paper's "
                             "GRPO update fits as configured, 21.8 of 32 GiB per chip (docs/sharding.md)"),

@@ -177,7 +177,8 @@ def plan(args) -> int:
         print(f"[plan] {cfg.name} on {args.topology}: {len(devices)} {devices[0].device_kind} devices, "
               f"{len({d.process_index for d in devices})} host(s)", flush=True)
         programs = args.programs.split(",") if args.programs else None
-        report = PL.plan(cfg, args.topology, num_items=args.items, programs=programs, log=lambda s: print(f"[plan] {s}", flush=True))
+        report = PL.plan(cfg, args.topology, num_items=args.items, programs=programs,
+                         log=lambda s: print(f"[plan] {s}", flush=True))
     except (C.ConfigError, PL.PlanError, ValueError) as e:
         print(f"[plan] error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -741,7 +741,8 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         lines.append(f"| {r['program']} | {_fmt_bytes(r['argument_bytes'])} | {_fmt_bytes(r['temp_bytes'])} | "
                      f"{_fmt_bytes(r['peak_bytes'])} ({100 * r['peak_bytes'] / r['hbm_bytes']:.0f}%) | "
-                     f"{'yes' if r['fits'] else '**no**'} | {r['flops'] / 1e12:.3f} | {r['bytes_accessed'] / 1e9:.2f} | "
+                     f"{'yes' if r['fits'] else '**no**'} | {r['flops'] / 1e12:.3f} | "
+                     f"{r['bytes_accessed'] / 1e9:.2f} | "
                      f"{r['collective_bytes'] / 1e9:.3f} | {_fmt_time(r['time_s'])} | {r['bound']} |")
     lines += ["", "Shapes: " + "; ".join(f"{r['program']}: {r['note']}" for r in report["rows"]), "",
               "Collectives per step (count, GB): " + "; ".join(

@@ -105,7 +105,8 @@ def test_fsdp_holds_a_quarter_of_the_update_arguments_per_chip():
     rows, prompt, new = s2.batch_size * s2.num_samples, max(s2.prompt_buckets), s2.max_new_tokens
     update = 8 * n * rows * (prompt + new) + 8 * emb * rows * new
     prompts = 4
-    sampler = 2 * n * (prompts * prompt + prompts * s2.num_samples * new) + 2 * emb * prompts * (1 + s2.num_samples * new)
+    sampler = (2 * n * (prompts * prompt + prompts * s2.num_samples * new)
+               + 2 * emb * prompts * (1 + s2.num_samples * new))
     assert 4 * dp_rows["grpo_update"]["flops"] == pytest.approx(update, rel=0.1)
     assert 4 * dp_rows["rollout_sampler"]["flops"] == pytest.approx(sampler, rel=0.1)
 
