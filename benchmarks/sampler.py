@@ -1,12 +1,13 @@
 """Sampler throughput: ours vs transformers `generate` (PyTorch) on SmolLM2-135M-Instruct, same process.
 
-Greedy, batch 8, prompt 256 tokens, 128 new tokens (no early stop: stop ids are disabled on both sides),
+Greedy (or, with `--top-p`, sampled at temperature 1 with that nucleus: the CoT setting), batch 8, prompt 256
+tokens, 128 new tokens (no early stop: stop ids are disabled on both sides),
 same CPU threads; on a GPU both sides run on it, float32 matmuls in TF32 on both (JAX's default there).
 Prints end-to-end tokens/s of both, the ratio, and decode-only tokens/s (a run with one new token is
 subtracted, removing prefill) against the roofline floor: bytes read per decode step
 (weights + average KV cache) over the measured memory bandwidth.
 
-    python benchmarks/sampler.py [--batch 8 --prompt-len 256 --new-tokens 128 --repeats 3]
+    python benchmarks/sampler.py [--batch 8 --prompt-len 256 --new-tokens 128 --repeats 3 --top-p 0.95]
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ def measure_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
-def run_ours(model, prompts, new_tokens, repeats):
+def run_ours(model, prompts, new_tokens, repeats, top_p):
     """Returns (median seconds per generate call, generated token ids [batch, new])."""
     from rporec_jax.sampling import Sampler, SamplingConfig
 
-    cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0, prompt_buckets=(prompts.shape[1],))
+    cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0 if top_p else 0.0, top_p=top_p or 1.0,
+                         prompt_buckets=(prompts.shape[1],))
     sampler = Sampler(model, cfg, stop_ids=[-1])  # no stop: every row decodes all new tokens
     out = sampler.generate(list(prompts), jax.random.key(0))  # compile
     times = []
@@ -68,14 +70,15 @@ def load_reference(path, dtype):
     return model.to("cuda") if torch.cuda.is_available() else model
 
 
-def run_transformers(ref, prompts, new_tokens, repeats):
+def run_transformers(ref, prompts, new_tokens, repeats, top_p):
     """Returns (median seconds per generate call, generated token ids) for transformers `generate`."""
     import torch
 
     ids = torch.as_tensor(prompts, dtype=torch.long, device=ref.device)
     sync = torch.cuda.synchronize if ref.device.type == "cuda" else (lambda: None)
+    sampling = dict(do_sample=True, temperature=1.0, top_p=top_p, top_k=0) if top_p else dict(do_sample=False)
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-              do_sample=False, pad_token_id=0)
+              pad_token_id=0, **sampling)
     with torch.no_grad():
         ref.generate(ids, **kw)  # warm-up
         times, gen = [], None
@@ -99,6 +102,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--top-p", type=float, default=0.0,
+                    help="sample at temperature 1 with this nucleus on both sides (0: greedy)")
     ap.add_argument("--skip-reference", action="store_true", help="only run ours (e.g. on TPU)")
     ap.add_argument("--scan-unroll", type=int, default=1,
                     help="layers per layer-scan iteration (num_layers = no layer loop; see DecoderConfig)")
@@ -111,7 +116,7 @@ def main():
     prompts = rng.integers(100, c.vocab_size - 100, (args.batch, args.prompt_len)).astype(np.int32)
     new = args.batch * args.new_tokens
 
-    ours_s, ours_decode, ours_tokens = decode_rate(lambda n: run_ours(model, prompts, n, args.repeats),
+    ours_s, ours_decode, ours_tokens = decode_rate(lambda n: run_ours(model, prompts, n, args.repeats, args.top_p),
                                                    args.batch, args.new_tokens)
     weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(model.params))
     kv_bytes = 2 * c.num_layers * args.batch * (args.prompt_len + args.new_tokens) * c.num_kv_heads * c.head_dim \
@@ -129,19 +134,22 @@ def main():
         # float32 matmuls in TF32 on both sides on a GPU: JAX's default there; torch's default is full float32
         torch.backends.cuda.matmul.allow_tf32 = True
         ref = load_reference(path, args.dtype)
-        ref_s, ref_decode, ref_tokens = decode_rate(lambda n: run_transformers(ref, prompts, n, args.repeats),
+        ref_s, ref_decode, ref_tokens = decode_rate(
+            lambda n: run_transformers(ref, prompts, n, args.repeats, args.top_p),
                                                     args.batch, args.new_tokens)
         rows.append((f"transformers/{ref.device.type}", ref_s, new / ref_s, ref_decode))
         agree = float((ours_tokens == ref_tokens).mean())
     print(f"device: {device.platform} ({device.device_kind}), {os.cpu_count()} CPU threads; model {c.model_type} "
           f"{c.num_layers}L/{c.hidden_size}d {args.dtype}; batch {args.batch}, prompt {args.prompt_len}, "
-          f"new {args.new_tokens}, greedy; layer scan unroll {args.scan_unroll}; median of {args.repeats}")
+          f"new {args.new_tokens}, {f'top-p {args.top_p} T 1' if args.top_p else 'greedy'}; "
+          f"layer scan unroll {args.scan_unroll}; median of {args.repeats}")
     print(f"{'impl':<18}{'s/call':>10}{'tok/s':>10}{'decode tok/s':>14}")
     for name, s, tps, dec in rows:
         print(f"{name:<18}{s:>10.2f}{tps:>10.1f}{dec:>14.1f}")
     if not args.skip_reference:
         print(f"ratio ours/transformers: {rows[0][2] / rows[1][2]:.2f}x end-to-end, {rows[0][3] / rows[1][3]:.2f}x "
-              f"decode   (greedy tokens agree: {agree:.1%})")
+              f"decode"
+              + ("" if args.top_p else f"   (greedy tokens agree: {agree:.1%})"))
     print(f"roofline floor: {step_bytes / 2**20:.0f} MiB read per decode step at {bw:.1f} GB/s -> "
           f"{floor_tps:.1f} decode tok/s; ours is {floor_tps / rows[0][3]:.2f}x from the floor")
 

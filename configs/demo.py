@@ -25,12 +25,16 @@ from rporec_jax.config import (
 from rporec_jax.data import DataConfig, MovieLensConfig, PromptConfig, SplitConfig
 from rporec_jax.models.rechead import RecheadConfig
 from rporec_jax.rewards import RewardConfig
+from rporec_jax.sampling import ForceFormat
 from rporec_jax.train.cot import CoTConfig
 from rporec_jax.train.stage1 import Stage1Config
 from rporec_jax.train.stage2 import Stage2Config
 from rporec_jax.train.state import OptimConfig
 
-BUCKETS = (320,)
+BUCKETS = (328,)  # the 320-token prompt budget + room for the prefilled <think> (3 SmolLM2 tokens)
+# Budget forcing of the answer format: 36 reasoning + 17 answer tokens + SmolLM2's 11 forced tokens
+# (`</think>\n<answer>` 7, `</answer>` 3, <|im_end|>) = the 64 new tokens of CoT, rollouts and evaluation.
+FORCE = ForceFormat(enabled=True, think_tokens=36, answer_tokens=17)
 
 
 def movielens_root() -> MovieLensConfig:
@@ -51,16 +55,19 @@ def config() -> RunConfig:
         # machine next to another job); recomputing each layer in the backward pass keeps it to a few GB.
         backbone=ModelConfig(path="", dtype="float32", remat="full"),  # bf16 is ~4x slower on CPUs without bf16 dots
         encoder=EncoderConfig(path="", kind="static"),
-        # SmolLM2-135M never writes the <think>/<answer> tags (0% format-valid measured on ml-100k), so its whole
-        # completion is read as reasoning (assume_think_open) and GRPO drops the format gate: otherwise every
-        # reward is 0 and stage 2 cannot learn. Larger backbones (the paper configs) keep the reference's gate.
+        # SmolLM2-135M never writes the <think>/<answer> tags itself (0% format-valid measured on ml-100k), so the
+        # sampler forces them (FORCE): the Rechead's answer tower then reads an answer. <think> is prefilled, so
+        # completions are read as starting inside it (assume_think_open). Larger backbones (the paper configs)
+        # write the format themselves.
         cot=CoTConfig(max_new_tokens=64, batch_size=8, shard_size=64, prompt_buckets=BUCKETS, teacher_dtype="float32",
-                      assume_think_open=True),
+                      assume_think_open=True, force_format=FORCE),
         rechead=RecheadConfig(variant="text_fusion", dim=384, vocab_size=0),  # MiniLM width
         stage1=Stage1Config(batch_size=16, epochs=5, optim=OptimConfig(lr=1e-3, total_steps=15), log_every=5),
         stage2=Stage2Config(
             steps=3, batch_size=2, num_samples=4, max_new_tokens=64, prompt_buckets=BUCKETS, length_bucket=32,
-            reward=RewardConfig(summary_max_tokens=32, format_gate=False), assume_think_open=True,
+            # the format gate stays off: forced completions are valid by construction, so it would only zero
+            # the rare one whose CoT or answer is blank
+            reward=RewardConfig(summary_max_tokens=32, format_gate=False), assume_think_open=True, force_format=FORCE,
             optim=OptimConfig(lr=1e-6, weight_decay=0.0, grad_clip=1.0, total_steps=3),
             # GRPO prompts from the train instances after stage 1's 48, so the frozen Rechead rewards users it
             # did not fit (on its own training instances its candidate NDCG was 0.4-0.8: memorised)

@@ -137,6 +137,14 @@ class GRPONorm(NamedTuple):
     entropy_threshold: jax.Array  # scalar: entropy quantile over the full batch's valid tokens (nan = none)
 
 
+def action_mask(mask, forced=None):
+    """Returns bool `[rows, new]`: the completion tokens (`mask`) the policy chose, i.e. not written by budget
+    forcing (`forced`, None = none). Forced tokens stay in the sequence the log-probs condition on; the
+    policy-gradient, KL and entropy terms (`grpo_norm`, `grpo_loss` given this mask) leave them out."""
+    mask = mask.astype(bool)
+    return mask if forced is None else mask & ~forced.astype(bool)
+
+
 def kl_per_token(logp, ref_logp, estimator: str = "k3"):
     """Returns the per-token KL(policy || reference) estimate `[...]` for log-probs `[...]`."""
     d = ref_logp - logp
@@ -170,7 +178,8 @@ def grpo_norm(mask, entropies, cfg: GRPOLossConfig) -> GRPONorm:
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, entropies, cfg: GRPOLossConfig,
               norm: Optional[GRPONorm] = None):
-    """Returns (scalar loss, metrics dict) for log-probs `[rows, new]`, advantages `[rows]`, mask `[rows, new]`.
+    """Returns (scalar loss, metrics dict) for log-probs `[rows, new]`, advantages `[rows]`, mask `[rows, new]`
+    (the tokens that are actions: `action_mask` of the completion mask and the forced tokens).
 
     old_logp/ref_logp (None: no KL) / entropies (None only if cfg.entropy_quantile is None) are `[rows, new]`
     and not differentiated. `norm` (from `grpo_norm` on the full batch) makes a micro-batch's loss its exact

@@ -13,7 +13,7 @@ from rporec_jax.data import DataConfig, PromptConfig, SplitConfig, SyntheticConf
 from rporec_jax.data.testing import tiny_chat_tokenizer
 from rporec_jax.models import DecoderConfig, Model
 from rporec_jax.models.loading import init_params, param_shardings
-from rporec_jax.sampling import Sampler
+from rporec_jax.sampling import ForceFormat, Sampler
 from rporec_jax.train.cot import (CoTConfig, completion_record, generate_cot, load_cot, load_teacher,
                                   model_fingerprint, record_stats, select_samples, shard_path, _prompt_mode)
 
@@ -27,10 +27,10 @@ BROKEN = ["<think> likes lamps </think> no answer", "<think></think><answer> lam
           "<think> a </think><think> b </think><answer> c </answer>", "<answer> lamp </answer>"]
 
 
-def _tok(extra=()):
+def _tok(extra=(), whole_tags=False):
     data = SRC.load()
     return tiny_chat_tokenizer(data.item_texts + [instruction_for(data.name, PromptConfig()), PromptConfig().system,
-                                                  *extra])
+                                                  *extra], whole_tags=whole_tags)
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +267,27 @@ def test_crash_while_writing_leaves_no_shard_and_is_regenerated(model, ds, tmp_p
     written = []
     _run(model, ds, tmp_path, cfg, sampler=Crafted(cfg.sampling()), on_shard=lambda s, k: written.append(k))
     assert written == [0] and [p.name for p in (tmp_path / "test").iterdir()] == ["shard-00000.jsonl"]
+
+
+def test_forced_format_makes_every_record_valid(ds, mesh1, tmp_path):
+    model = _model(_tok(whole_tags=True), mesh1)  # the tags are tokens it can write
+    cfg = CoTConfig(**{**CFG.__dict__, "splits": ("valid",), "num_samples": 1, "max_new_tokens": 14,
+                       "assume_think_open": True, "force_format": ForceFormat(True, 6, 4)})
+    stats = _run(model, ds, tmp_path, cfg)
+    recs = [r for v in load_cot(tmp_path, "valid").values() for r in v]
+    assert len(recs) == 5 and stats.splits["valid"]["valid_rate"] == 1.0
+    assert all(r["cot"] and r["answer"] and r["stopped"] and r["num_tokens"] <= 14 for r in recs)
+    assert json.loads((tmp_path / "manifest.json").read_text())["config"]["force_format"]["enabled"] is True
+
+
+def test_manifest_from_before_force_format_still_matches(model, ds, tmp_path):
+    cfg = CoTConfig(**{**CFG.__dict__, "splits": ("valid",), "num_samples": 1})
+    _run(model, ds, tmp_path, cfg, sampler=Crafted(cfg.sampling()))
+    path = tmp_path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["config"]["force_format"]  # as written before the setting existed: its default, off
+    path.write_text(json.dumps(manifest))
+    _run(model, ds, tmp_path, cfg, sampler=Crafted(cfg.sampling()))
+    forced = CoTConfig(**{**cfg.__dict__, "assume_think_open": True, "force_format": ForceFormat(True, 2, 2)})
+    with pytest.raises(ValueError, match=r"config.force_format: stored \{'enabled': False"):
+        _run(model, ds, tmp_path, forced, sampler=Crafted(forced.sampling()))

