@@ -13,7 +13,10 @@ and, only when named in --variants (ABLATIONS):
   lr1e-4      stage2 + eval at 100x the reference lr (reuses base's CoT and stage-1 Rechead)   row stage2_lr1e-4
   all_users   prompt_only stage1 + most-popular + SASRec on every valid/test user   rows *_all
   train4096   prompt_only stage1 fit on 4,096 train instances, every valid/test user   row prompt_only_train4096_all
-and writes mean +- std over seeds, wall time and device per row to `<out>/results.md` and `results.json`.
+and writes mean +- std over seeds, wall time and device per row to `<out>/results.md` and `results.json`,
+with each row's test NDCG@10 and HR@10 as a 95% bootstrap CI over instances and its number of users, and a
+table of paired tests (stage2 vs stage1, stage1 vs prompt_only, the best LLM row vs SASRec), both read from
+the per-instance ranks every run saves (`<run>/eval/<row>_<split>_ranks.npy`).
 Any `--set KEY=VALUE` applies to every run (e.g. smaller limits for a quick pass).
 """
 
@@ -28,6 +31,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from numpy.lib import recfunctions
+
+from rporec_jax.stats import align, bootstrap_ci, paired_comparison
 
 METRICS = ("ndcg@5", "ndcg@10", "ndcg@20", "hr@5", "hr@10", "hr@20")
 # (variant, rechead/stage overrides, stages, what it reuses from the base run, {row in run: row in the table})
@@ -96,7 +102,8 @@ def run_variant(config: str, seed: int, variant, out: Path, extra: list[str]) ->
     for r in pipe.progress_state["results"]:
         if name != "base" and r["row"] not in rename:
             continue
-        rows.append({**r, "row": rename.get(r["row"], r["row"]), "config": config, "seed": seed})
+        rows.append({**r, "row": rename.get(r["row"], r["row"]), "config": config, "seed": seed,
+                     "ranks_file": str(run_dir.relative_to(out) / "eval" / f"{r['row']}_{r['split']}_ranks.npy")})
     print(f"[results] {config} seed {seed} {name}: {len(rows)} rows in {time.time() - t:.0f} s", flush=True)
     return rows
 
@@ -117,25 +124,182 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
+# Metrics given a bootstrap CI per row and compared in the paired tests (test split).
+CI_METRICS = ("ndcg@10", "hr@10")
+BASELINES = ("popular", "sasrec")  # row-name prefixes of the rows that are not the LLM
+
+
+# benchmarks/sasrec_recbole.py's datasets -> the config whose rows they join in the table.
+SASREC_RECBOLE_CONFIGS = {"ml-100k": "demo", "scientific": "scientific"}
+
+
+def sasrec_recbole_rows(path: Path) -> list[dict]:
+    """Returns rows 'sasrec_recbole' (valid and test, per dataset and seed) from the JSON that
+    `benchmarks/sasrec_recbole.py` writes, runs with overrides left out: SASRec at RecBole strength on the
+    reference splits (W = 20, every valid/test instance), so its instances are not the LLM rows' (no CI, no
+    paired test); it sits in the table next to `sasrec` (the LLM rows' window) to show the baseline's strength."""
+    rows = []
+    for rec in json.loads(Path(path).read_text()).values():
+        if rec.get("overrides") or rec["dataset"] not in SASREC_RECBOLE_CONFIGS:
+            continue
+        for split in ("valid", "test"):
+            rows.append({**{k: rec[split][k] for k in METRICS}, "row": "sasrec_recbole", "split": split,
+                         "config": SASREC_RECBOLE_CONFIGS[rec["dataset"]], "seed": rec["seed"],
+                         "variant": "sasrec_recbole", "wall_s": rec["wall_s"], "device": rec["device"]})
+    return rows
+
+
+def load_ranks(out: Path, rows: list[dict]) -> dict[tuple, dict[int, np.ndarray]]:
+    """Returns {(config, row, split): {seed: per-instance records (index, user, position, rank)}} for the rows
+    whose run saved ranks (rows run before ranks were saved have none)."""
+    found: dict[tuple, dict[int, np.ndarray]] = {}
+    for r in rows:
+        if "ranks_file" in r and (out / r["ranks_file"]).exists():
+            found.setdefault((r["config"], r["row"], r["split"]), {})[r["seed"]] = np.load(out / r["ranks_file"])
+    return found
+
+
+def _keys(recs: np.ndarray) -> np.ndarray:
+    """Returns the instance keys [n] (user, position) of saved per-instance records [n]."""
+    return recfunctions.repack_fields(recs[["user", "position"]])
+
+
+def _same_instances(recs_a: np.ndarray, recs_b: np.ndarray) -> bool:
+    try:
+        align(_keys(recs_a), _keys(recs_b))
+    except ValueError:
+        return False
+    return True
+
+
+def seed_mean(by_seed: dict[int, np.ndarray], seeds, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (keys [n] (user, position), values [n]): per instance, `metric` averaged over `seeds`, in the
+    first seed's order. Raises ValueError when the seeds were not measured on the same instances."""
+    from rporec_jax.eval import rank_metrics
+
+    keys = _keys(by_seed[seeds[0]])
+    total = np.zeros(len(keys))
+    for seed in seeds:
+        recs = by_seed[seed]
+        order, order_seed = align(keys, _keys(recs))
+        total[order] += rank_metrics(recs["rank"][order_seed], [int(metric.split("@")[1])])[metric]
+    return keys, total / len(seeds)
+
+
+def add_intervals(agg: list[dict], ranks: dict) -> list[dict]:
+    """Returns `agg` with, where the runs saved ranks, 'users' and 'instances' and per CI_METRICS metric
+    '<metric>_ci' = [mean, low, high]: the 95% percentile-bootstrap CI over instances of the metric averaged
+    over seeds per instance."""
+    out = []
+    for a in agg:
+        by_seed = ranks.get((a["config"], a["row"], a["split"]))
+        if by_seed is not None:
+            a = dict(a)
+            for metric in CI_METRICS:
+                try:
+                    keys, values = seed_mean(by_seed, sorted(by_seed), metric)
+                except ValueError as e:
+                    raise ValueError(f"{a['config']} {a['row']} {a['split']}: {e}") from None
+                a[f"{metric}_ci"] = list(bootstrap_ci(values))
+            a["users"], a["instances"] = len(np.unique(keys["user"])), len(keys)
+        out.append(a)
+    return out
+
+
+def comparisons(agg: list[dict], ranks: dict) -> list[tuple[str, str, str]]:
+    """Returns the (config, row a, row b) pairs to test: stage2 vs stage1, stage1 vs prompt_only and, per SASRec
+    row, the LLM row with the best valid NDCG@10 (chosen on valid, tested on test) among those measured on that
+    SASRec row's test instances."""
+    valid = {(a["config"], a["row"]): a["ndcg@10"] for a in agg if a["split"] == "valid"}
+    out = []
+    for config in sorted({c for c, _, _ in ranks}):
+        tested = {row for c, row, split in ranks if c == config and split == "test"}
+        out += [(config, a, b) for a, b in (("stage2", "stage1"), ("stage1", "prompt_only")) if {a, b} <= tested]
+        first = {row: next(iter(ranks[(config, row, "test")].values())) for row in tested}
+        for sasrec in sorted(r for r in tested if r.startswith("sasrec")):
+            same = [r for r in sorted(tested, key=_order) if not r.startswith(BASELINES) and (config, r) in valid
+                    and _same_instances(first[r], first[sasrec])]
+            if same:
+                out.append((config, max(same, key=lambda r: valid[(config, r)]), sasrec))
+    return out
+
+
+def paired_tests(agg: list[dict], ranks: dict) -> list[dict]:
+    """Returns one entry per `comparisons` pair: on the test instances, averaged over the seeds both rows ran,
+    per CI_METRICS metric the mean difference a - b with its paired-bootstrap 95% CI and sign-flip p-value
+    (`rporec_jax.stats.paired_comparison`), or 'error' when the rows were not measured on the same instances."""
+    table = []
+    for config, a, b in comparisons(agg, ranks):
+        by_a, by_b = ranks[(config, a, "test")], ranks[(config, b, "test")]
+        seeds = sorted(set(by_a) & set(by_b))
+        entry = {"config": config, "a": a, "b": b, "seeds": len(seeds)}
+        try:
+            if not seeds:
+                raise ValueError(f"no seed ran both rows ({a}: {sorted(by_a)}, {b}: {sorted(by_b)})")
+            for metric in CI_METRICS:
+                (keys_a, a_values), (keys_b, b_values) = seed_mean(by_a, seeds, metric), seed_mean(by_b, seeds, metric)
+                res = paired_comparison(a_values, b_values, keys_a, keys_b)
+                entry[metric], entry["instances"] = res._asdict(), res.n
+        except ValueError as e:
+            entry["error"] = str(e)
+        table.append(entry)
+    return table
+
+
 ORDER = ("popular", "sasrec", "prompt_only", "stage1", "stage2", "stage2_refresh", "stage2_lr1e-4", "hidden_stage1",
-         "hidden_stage2", "popular_all", "sasrec_all", "prompt_only_all", "prompt_only_train4096_all")
+         "hidden_stage2", "popular_all", "sasrec_all", "sasrec_recbole", "prompt_only_all",
+         "prompt_only_train4096_all")
+
+
+def _order(row: str) -> int:
+    return ORDER.index(row) if row in ORDER else len(ORDER)
+
+
+def _ci(a: dict | None, metric: str) -> str:
+    if a is None or f"{metric}_ci" not in a:
+        return "-"
+    return "{:.4f} [{:.4f}, {:.4f}]".format(*a[f"{metric}_ci"])
+
+
+def _users(a: dict | None) -> str:
+    if a is None or "users" not in a:
+        return "-"
+    return str(a["users"]) if a["users"] == a["instances"] else f"{a['users']} ({a['instances']} inst.)"
 
 
 def markdown(agg: list[dict]) -> str:
-    """Returns the table: one line per (config, row), valid and test NDCG/HR@10 plus @5/@20 NDCG, mean +- std."""
+    """Returns the table: one line per (config, row), valid and test NDCG/HR@10 plus @5/@20 NDCG, mean +- std
+    over seeds, then test NDCG/HR@10 with their 95% bootstrap CI over instances and the users per split."""
     lines = ["| data | row | seeds | valid NDCG@10 | valid HR@10 | test NDCG@5 | test NDCG@10 | test NDCG@20 | "
-             "test HR@10 | test HR@20 | wall s | device |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "test HR@10 | test HR@20 | test NDCG@10 [95% CI] | test HR@10 [95% CI] | users valid / test | "
+             "wall s | device |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     by = {(a["config"], a["row"], a["split"]): a for a in agg}
     f = lambda a, k: "-" if a is None or a.get(k) is None else f"{a[k]:.4f} ± {a[k + '_std']:.4f}"  # noqa: E731
     for config in sorted({a["config"] for a in agg}):
-        for row in sorted({a["row"] for a in agg if a["config"] == config},
-                          key=lambda r: ORDER.index(r) if r in ORDER else len(ORDER)):
+        for row in sorted({a["row"] for a in agg if a["config"] == config}, key=_order):
             v, t = by.get((config, row, "valid")), by.get((config, row, "test"))
             any_ = t or v
             lines.append(f"| {config} | {row} | {any_['seeds']} | {f(v, 'ndcg@10')} | {f(v, 'hr@10')} | "
                          f"{f(t, 'ndcg@5')} | {f(t, 'ndcg@10')} | {f(t, 'ndcg@20')} | {f(t, 'hr@10')} | "
-                         f"{f(t, 'hr@20')} | {any_['wall_s']:.0f} | {any_['device']} |")
+                         f"{f(t, 'hr@20')} | {_ci(t, 'ndcg@10')} | {_ci(t, 'hr@10')} | {_users(v)} / {_users(t)} | "
+                         f"{any_['wall_s']:.0f} | {any_['device']} |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_markdown(table: list[dict]) -> str:
+    """Returns the paired-test table: per pair, the test difference a - b of each CI_METRICS metric with its
+    95% CI and two-sided p-value (not adjusted for the several tests)."""
+    lines = ["| data | test: a - b | seeds | instances | Δ NDCG@10 [95% CI] | p | Δ HR@10 [95% CI] | p |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for e in table:
+        head = f"| {e['config']} | {e['a']} - {e['b']} | {e['seeds']} |"
+        if "error" in e:
+            lines.append(f"{head} - | refused: {e['error']} | | | |")
+            continue
+        cells = [f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}] | {r['p']:.3g}"
+                 for r in (e[m] for m in CI_METRICS)]
+        lines.append(f"{head} {e['instances']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -189,6 +353,8 @@ def main(argv=None) -> int:
                     help=f"default: all but the ablations {[v[0] for v in ABLATIONS]}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default="runs/results")
+    ap.add_argument("--sasrec_recbole", metavar="JSON", help="add the sasrec_recbole rows from this output of "
+                    "benchmarks/sasrec_recbole.py (SASRec at RecBole strength on the W = 20 reference splits)")
     ap.add_argument("--report_only", action="store_true",
                     help="rewrite results.md/json from rows.jsonl (e.g. after runs in several processes); run nothing")
     args = ap.parse_args(argv)
@@ -207,10 +373,16 @@ def main(argv=None) -> int:
                 with open(rows_path, "a") as fh:  # appended per variant: an interrupted table resumes
                     fh.writelines(json.dumps(r) + "\n" for r in new)
                 rows += new
-    agg, curves = aggregate(rows), stage2_curves(out, rows)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "aggregate": agg, "stage2_curves": curves,
-                                                  "overrides": args.set}, indent=1))
-    text = markdown(agg) + "\nStage 2, first → last GRPO step (mean over seeds):\n\n" + curves_markdown(curves)
+    if args.sasrec_recbole:
+        rows = rows + sasrec_recbole_rows(Path(args.sasrec_recbole))  # not in rows.jsonl: read afresh each time
+    ranks = load_ranks(out, rows)
+    agg, curves = add_intervals(aggregate(rows), ranks), stage2_curves(out, rows)
+    paired = paired_tests(agg, ranks)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "aggregate": agg, "paired_tests": paired,
+                                                  "stage2_curves": curves, "overrides": args.set}, indent=1))
+    text = (markdown(agg) + "\nPaired tests on the test instances (per-instance metrics averaged over the seeds "
+            "both rows ran; 95% paired-bootstrap CI, sign-flip permutation p):\n\n" + paired_markdown(paired)
+            + "\nStage 2, first → last GRPO step (mean over seeds):\n\n" + curves_markdown(curves))
     (out / "results.md").write_text(text)
     print(text)
     return 0

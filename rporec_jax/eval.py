@@ -258,15 +258,18 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 
 def evaluate(fn: Callable[[dict], Any], batches: Iterable[dict], config: EvalConfig = EvalConfig(), *,
              item_matrix=None, num_items: int | None = None, mesh: Mesh | None = None,
-             strategy: str | Mapping[str, Any] = "dp") -> dict[str, float]:
+             strategy: str | Mapping[str, Any] = "dp", keep_ranks: bool = False) -> dict[str, float]:
     """Returns {'ndcg@K': mean, 'hr@K': mean for K in config.ks, 'count': valid rows} over `batches`.
 
     Without `item_matrix`, fn(batch) -> scores [B, N+1] (column 0 ignored; N = num_items or columns - 1).
     With `item_matrix` [N+1, d], fn(batch) -> user vectors [B, d], ranked by the sharded matmul on `mesh`
     (default: all devices) under `strategy`. Batches are loader dicts with `target` [B], optional `valid` [B]
     (padded rows are ignored) and `history` [B, W] (needed when config.exclude_history).
+    `keep_ranks` adds the per-instance results (for confidence intervals and paired tests): 'ranks' int32
+    [count] and 'index' int64 [count], the valid rows' ranks and `index` fields (needed then) in batch order.
     """
     acc = MetricSums(config.ks)
+    kept = {"ranks": [np.zeros(0, np.int32)], "index": [np.zeros(0, np.int64)]}
     if item_matrix is not None:
         mesh = shd.make_mesh() if mesh is None else mesh
         num_items = item_matrix.shape[0] - 1 if num_items is None else num_items
@@ -279,6 +282,8 @@ def evaluate(fn: Callable[[dict], Any], batches: Iterable[dict], config: EvalCon
         if config.exclude_history and "history" not in batch:
             raise KeyError(f"batch {i}: exclude_history needs a 'history' [B, W] field; got {sorted(batch)}")
         exclude = np.asarray(batch["history"]) if config.exclude_history else None
+        if keep_ranks and "index" not in batch:
+            raise KeyError(f"batch {i}: keep_ranks needs an 'index' [B] field; got {sorted(batch)}")
         out = fn(batch)
         if item_matrix is None:
             n = out.shape[1] - 1 if num_items is None else num_items
@@ -301,5 +306,12 @@ def evaluate(fn: Callable[[dict], Any], batches: Iterable[dict], config: EvalCon
             ranks = target_ranks(user_vecs, items, _pad_rows(targets, rows),
                                  None if exclude is None else _pad_rows(exclude, rows),
                                  num_items=n, mesh=mesh, strategy=strategy)[:b]
-        acc.add(shd.to_host(ranks), valid)
-    return acc.result()
+        ranks = shd.to_host(ranks)
+        acc.add(ranks, valid)
+        if keep_ranks:
+            kept["ranks"].append(np.asarray(ranks, np.int32)[valid])
+            kept["index"].append(np.asarray(batch["index"], np.int64)[valid])
+    result = acc.result()
+    if keep_ranks:
+        result.update({k: np.concatenate(v) for k, v in kept.items()})
+    return result
