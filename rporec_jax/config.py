@@ -42,6 +42,7 @@ from rporec_jax.models.decoder_config import DTYPES
 from rporec_jax.models.rechead import RecheadConfig
 from rporec_jax.models.text_encoder import KINDS as ENCODER_KINDS
 from rporec_jax.rewards import RewardConfig
+from rporec_jax.sampling import ForceFormat
 from rporec_jax.sharding import MESH_AXES, STRATEGIES, MeshConfig
 from rporec_jax.train.cot import CoTConfig
 from rporec_jax.train.stage1 import Stage1Config
@@ -121,7 +122,9 @@ class EvalRunConfig:
     """What the eval stage reports: full-ranking metrics of the Rechead (on teacher CoT, and on the stage-2
     policy's own CoT decoded as `policy_decoding`) and of the baselines, on `splits`.
 
-    policy_max_new_tokens: 0 = stage2.max_new_tokens. sasrec_epochs: SASRec's training epochs (best on valid).
+    policy_max_new_tokens: 0 = stage2.max_new_tokens. policy_batch_size: prompts per sampler call when the policy
+    writes its CoT (64 is ~2-3x the throughput of 8 on a 2-core CPU). sasrec_epochs: SASRec's training epochs
+    (best on valid).
     """
 
     splits: tuple[str, ...] = ("valid", "test")
@@ -129,6 +132,7 @@ class EvalRunConfig:
     baselines: tuple[str, ...] = BASELINES
     policy_decoding: tuple[str, ...] = ("greedy",)
     policy_max_new_tokens: int = 0
+    policy_batch_size: int = 8
     sasrec_epochs: int = 20
 
     def __post_init__(self):
@@ -140,9 +144,10 @@ class EvalRunConfig:
         if any(d not in POLICY_DECODING for d in self.policy_decoding):
             raise ValueError(f"EvalRunConfig.policy_decoding={self.policy_decoding}: expected a subset of "
                              f"{POLICY_DECODING}")
-        if self.policy_max_new_tokens < 0 or self.sasrec_epochs < 1:
-            raise ValueError(f"EvalRunConfig: policy_max_new_tokens={self.policy_max_new_tokens} must be >= 0 "
-                             f"and sasrec_epochs={self.sasrec_epochs} >= 1")
+        if self.policy_max_new_tokens < 0 or self.sasrec_epochs < 1 or self.policy_batch_size < 1:
+            raise ValueError(f"EvalRunConfig: policy_max_new_tokens={self.policy_max_new_tokens} must be >= 0, "
+                             f"sasrec_epochs={self.sasrec_epochs} >= 1 and policy_batch_size="
+                             f"{self.policy_batch_size} >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -629,6 +634,7 @@ RANGES: dict[type, dict[str, Range]] = {
     ModelConfig: {"scan_unroll": Range(0, note="0 = all layers")},
     MeshConfig: {a: Range(-1, note="-1 = all remaining devices") for a in MESH_AXES},
     CoTConfig: {**_DECODING, "temperature": Range(0, note="0 = greedy"), "batch_size": _POS, "shard_size": _POS},
+    ForceFormat: {"think_tokens": _POS, "answer_tokens": _POS},
     RecheadConfig: {"dim": _POS, "vocab_size": Range(0, note="0 = the encoder's"),
                     "mlp_hidden": Range(0, note="0 = dim"), "encoder_layers": _NONNEG, "encoder_heads": _POS,
                     "encoder_ffn": _POS,
@@ -649,7 +655,8 @@ RANGES: dict[type, dict[str, Range]] = {
                                            "r2ec_prob")},
                    "length_scale": _POSITIVE, "sim_threshold": Range(-1, 1), "entropy_quantile": _OPEN_FRACTION,
                    "summary_max_tokens": _POS},
-    EvalRunConfig: {"policy_max_new_tokens": Range(0, note="0 = stage2.max_new_tokens"), "sasrec_epochs": _POS},
+    EvalRunConfig: {"policy_max_new_tokens": Range(0, note="0 = stage2.max_new_tokens"), "sasrec_epochs": _POS,
+                    "policy_batch_size": _POS},
     EvalConfig: {"ks": _POS},
     LimitsConfig: {s: Range(0, note="0 = the whole split") for s in SPLITS},
     CheckpointConfig: {"every_steps": Range(0, note="0 = only at the end of a stage"), "keep_last": _POS},
@@ -706,6 +713,26 @@ def _check_types(obj: Any, prefix: str = "") -> None:
             _check_types(v, f"{key}.")
 
 
+def _check_force_format(cfg: RunConfig) -> None:
+    """Raises ConfigError when budget forcing is on but its completions would be misread or cannot fit."""
+    for sec in ("cot", "stage2"):
+        if getattr(cfg, sec).force_format.enabled and not getattr(cfg, sec).assume_think_open:
+            raise ConfigError(f"{sec}.force_format.enabled prefills <think>, so completions start inside the think "
+                              f"block; set {sec}.assume_think_open=true")
+    lengths = [("cot", "cot.max_new_tokens", cfg.cot.max_new_tokens),
+               ("stage2", "stage2.max_new_tokens", cfg.stage2.max_new_tokens)]
+    if cfg.eval.policy_max_new_tokens:  # policy evaluation forces like the rollouts
+        lengths.append(("stage2", "eval.policy_max_new_tokens", cfg.eval.policy_max_new_tokens))
+    for sec, key, n in lengths:
+        f = getattr(cfg, sec).force_format
+        # at least 3 forced tokens: `</think>\n<answer>` and `</answer>` (>= 1 token each) and a stop id; the
+        # sampler checks the exact count with the tokenizer
+        if f.enabled and f.think_tokens + f.answer_tokens + 3 > n:
+            raise ConfigError(f"{key}={n} cannot hold {sec}.force_format.think_tokens={f.think_tokens} + "
+                              f"answer_tokens={f.answer_tokens} + the forced tags (>= 3 tokens); raise {key} or "
+                              "lower the budgets")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Returns `cfg` after the checks that span fields (each section validated itself when built); raises
     ConfigError naming the field and the fix."""
@@ -743,10 +770,14 @@ def validate(cfg: RunConfig) -> RunConfig:
                           "ignores the reasoning; set rechead.variant=text_fusion (or hidden_state), or drop stage2 "
                           "from stages")
     budget = cfg.data.prompt.max_prompt_tokens
-    for stage, buckets in (("cot", cfg.cot.prompt_buckets), ("stage2", cfg.stage2.prompt_buckets)):
-        if cfg.runs(stage) and budget > buckets[-1]:
-            raise ConfigError(f"data.prompt.max_prompt_tokens={budget} exceeds the largest {stage}.prompt_buckets "
-                              f"({','.join(map(str, buckets))}); add a bucket >= {budget} or lower the budget")
+    for stage, sec in (("cot", cfg.cot), ("stage2", cfg.stage2)):
+        buckets, forcing = sec.prompt_buckets, sec.force_format.enabled
+        # budget forcing appends <think> (>= 1 token; the sampler counts them exactly) to every prompt
+        if cfg.runs(stage) and budget + forcing > buckets[-1]:
+            raise ConfigError(f"data.prompt.max_prompt_tokens={budget}{' + the prefilled <think>' if forcing else ''} "
+                              f"exceeds the largest {stage}.prompt_buckets ({','.join(map(str, buckets))}); add a "
+                              f"bucket >= {budget + forcing} or lower the budget")
+    _check_force_format(cfg)
     metrics = [f"{m}@{k}" for k in cfg.eval.metrics.ks for m in ("ndcg", "hr")]
     if cfg.runs("stage1") and cfg.stage1.select_metric not in metrics:
         raise ConfigError(f"stage1.select_metric={cfg.stage1.select_metric!r} is not computed with "
@@ -816,6 +847,28 @@ def resolve_encoder_path(cfg: RunConfig | EncoderConfig) -> str:
     return _resolve_path(e.path, "encoder.path", "")
 
 
+def check_paths(cfg: RunConfig) -> None:
+    """Raises FileNotFoundError (or ValueError for a damaged MovieLens archive) naming the field when a path the
+    run reads is missing: the backbone, the encoder, `cot.teacher` and `data.tokenizer` when set, and the data
+    source's files when they cannot be downloaded (LC-Rec, or `download=False`); cheap, so a launch checks it
+    before it writes the run directory."""
+    resolve_backbone_path(cfg)
+    resolve_encoder_path(cfg)
+    for key, path in (("cot.teacher", cfg.cot.teacher if cfg.runs("cot") else ""),
+                      ("data.tokenizer", cfg.data.tokenizer)):
+        if path and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"{key}={path!r} does not exist; expected an HF model directory or a .gguf file")
+    src = cfg.data.source
+    root = getattr(src, "root", None)
+    if root is None or getattr(src, "download", False):
+        return  # generated data, or files that are downloaded (with an announcement) when absent
+    if not root or not Path(root).expanduser().is_dir():
+        off = ", and data.source.download is off" if hasattr(src, "download") else ""
+        raise FileNotFoundError(f"data.source.root={root!r}: no such directory (the {type(src).__name__} files are "
+                                f"read from it{off})")
+    src.files()  # names the missing file
+
+
 def resolve_rechead(rechead: RecheadConfig, vocab_size: int, dim: int) -> RecheadConfig:
     """Returns `rechead` with vocab_size 0 filled from the encoder (`vocab_size`, width `dim`); raises when a
     text variant's dim differs from the encoder's (its towers start from the encoder's `[vocab, dim]` table)."""
@@ -835,5 +888,5 @@ __all__ = [
     "BASELINES", "MESH_PRESETS", "POLICY_DECODING", "STAGES", "TINY_RANDOM", "CheckpointConfig", "ConfigError",
     "EncoderConfig", "EvalRunConfig", "LimitsConfig", "MeshPreset", "ModelConfig", "RunConfig", "apply_mesh_preset",
     "apply_overrides", "available_configs", "config_diff", "config_dirs", "field_ranges", "from_dict", "load_config",
-    "resolve_backbone_path", "resolve_encoder_path", "resolve_rechead", "to_dict", "validate",
+    "check_paths", "resolve_backbone_path", "resolve_encoder_path", "resolve_rechead", "to_dict", "validate",
 ]

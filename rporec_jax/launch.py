@@ -70,10 +70,20 @@ def resolve_config(args) -> tuple:
         cfg = C.load_config(args.config or "demo", overrides)
         run_dir = args.run_dir or str(Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     C.validate(cfg)
-    # the paths are checked now, before the data or any model is touched
-    C.resolve_backbone_path(cfg)
-    C.resolve_encoder_path(cfg)
+    # the paths are checked now, before the data or any model is touched and before the run dir is written
+    C.check_paths(cfg)
     return cfg, run_dir
+
+
+def check_devices(cfg) -> None:
+    """Raises ValueError when the mesh does not fit the devices JAX sees (after `distributed.initialize`)."""
+    import jax
+
+    try:
+        cfg.mesh.resolve(jax.device_count())
+    except ValueError as e:
+        raise ValueError(f"{e} ({jax.device_count()} x {jax.devices()[0].device_kind}); set mesh.data/fsdp/tp to "
+                         f"fit them (one may be -1: all remaining devices) or choose a mesh_preset") from None
 
 
 class StopFlag:
@@ -85,15 +95,20 @@ class StopFlag:
     def __call__(self) -> bool:
         return self.requested
 
-    def install(self) -> None:
+    def install(self) -> dict:
+        """Installs the handler for SIGTERM and SIGINT; returns the previous handlers (for `restore`)."""
         def handler(signum, _frame):
             if self.requested:
                 raise KeyboardInterrupt
             self.requested = True
             print(f"\n[launch] {signal.Signals(signum).name}: finishing the current step, then saving "
                   "(send again to abort)", file=sys.stderr, flush=True)
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    @staticmethod
+    def restore(previous: dict) -> None:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 def main(argv=None) -> int:
@@ -113,15 +128,20 @@ def main(argv=None) -> int:
         print(f"[launch] error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     distributed.initialize(cfg.distributed)
-    from rporec_jax.pipeline import Interrupted, Pipeline, RunDirError
+    try:
+        check_devices(cfg)
+    except ValueError as e:
+        print(f"[launch] error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from rporec_jax.pipeline import RunDirError
 
     if args.command in ("export", "recommend"):
         try:
             if args.command == "export":
                 return export(cfg, run_dir, args.out)
             return recommend(cfg, run_dir, args.user, args.split)
-        except (C.ConfigError, RunDirError) as e:
-            print(f"[launch] error: {e}", file=sys.stderr)
+        except (C.ConfigError, RunDirError, FileNotFoundError, ValueError) as e:
+            print(f"[launch] error: {' '.join(str(e).split())}", file=sys.stderr)
             return EXIT_BAD_INPUT
 
     if not args.no_preflight:
@@ -134,11 +154,24 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return EXIT_BAD_INPUT
     stop = StopFlag()
-    stop.install()
+    previous = stop.install()
+    try:
+        return _run(cfg, run_dir, args, stop)
+    finally:
+        stop.restore(previous)
+
+
+def _run(cfg, run_dir: str, args, stop: StopFlag) -> int:
+    """Runs the pipeline in `run_dir`; returns the exit status. An error raised inside a stage prints one line
+    (the traceback goes to run.log) and returns 1."""
+    from rporec_jax import config as C
+    from rporec_jax import distributed
+    from rporec_jax.pipeline import Interrupted, Pipeline, RunDirError
+
     try:
         pipe = Pipeline(cfg, run_dir, resume=args.resume, should_stop=stop, progress=not args.no_progress)
-    except (C.ConfigError, FileNotFoundError, FileExistsError, RunDirError) as e:
-        print(f"[launch] error: {e}", file=sys.stderr)
+    except (C.ConfigError, OSError, ValueError, RunDirError) as e:  # OSError: a missing/existing dir, permissions
+        print(f"[launch] error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
     say = print if distributed.is_primary() else (lambda *a, **k: None)  # one voice on a multi-process run
     say(f"[launch] run {run_dir}: stages {','.join(cfg.stages)}", flush=True)
@@ -152,8 +185,10 @@ def main(argv=None) -> int:
         print(f"[launch] non-finite value: {e}\n  the last good checkpoint in {run_dir}/ckpt is kept",
               file=sys.stderr)
         return EXIT_NONFINITE
-    except RunDirError as e:  # the data changed under a resumed run
-        print(f"[launch] error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 -- bad data, a model that does not load, a bug: one line, exit 1
+        where = pipe.record_error(e)
+        hint = "" if pipe.started() else "; no stage had begun: fix it and launch again, with or without --resume"
+        print(f"[launch] error in {where} (traceback in {Path(run_dir) / 'run.log'}{hint})", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
         pipe.close()
@@ -242,7 +277,8 @@ def recommend(cfg, run_dir: str, user: int, split: str) -> int:
     ids = builder.encode([hist])[0][0]
     s2 = cfg.stage2
     out = Sampler(p.model, SamplingConfig(max_new_tokens=s2.max_new_tokens, temperature=0.0,
-                                          prompt_buckets=s2.prompt_buckets)).generate([ids], jax.random.key(0), params)
+                                          prompt_buckets=s2.prompt_buckets, force=s2.force_format)).generate(
+        [ids], jax.random.key(0), params)
     parsed = [parse_output(out.texts[0], s2.assume_think_open)]
     scorer = RolloutScorer(p.model, p.head, p.encoder, p.ds.num_items,
                            dataclasses.replace(s2.reward, ranking="full"), p.mesh, s2.assume_think_open)

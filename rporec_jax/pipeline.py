@@ -2,18 +2,22 @@
 
 Every stage leaves its result on disk (CoT shards, the best stage-1 Rechead, stage-2 checkpoints, result rows in
 `progress.json`), so `--resume` skips finished stages and continues stage 2 from its latest checkpoint; the
-GRPO data order and keys depend only on (seed, step), so a resumed run repeats an uninterrupted one.
+GRPO data order and keys depend only on (seed, step), so a resumed run repeats an uninterrupted one. A stop
+(`should_stop`, SIGTERM/SIGINT) inside any other stage saves where it was (a CoT shard's finished batches,
+ckpt/stage1_resume, ckpt/sasrec_resume, ckpt/policy_eval/) and a resume continues from there just as exactly.
 
 run_dir/
   config.json   resolved config          progress.json  finished stages, result rows, the data's pin
   run.lock      pid + host of the live run (removed at exit; one left by a dead process on this host is ignored)
   metrics.jsonl tb/ samples.jsonl run.log (RunLogger)       cot/<split>/  ckpt/stage1_rechead ckpt/stage2
+  eval/<row>_<split>_ranks.npy  per instance of every result row: its keys and the target's 1-based rank
   report.md report.json plots/ (rporec_jax.report)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -30,6 +34,7 @@ from jax.experimental import multihost_utils
 
 from rporec_jax import config as C
 from rporec_jax import sharding as shd
+from rporec_jax.cache import save_array
 from rporec_jax.run_log import RunLogger, read_metrics
 from rporec_jax.train.cot import write_json
 
@@ -88,19 +93,22 @@ class Pipeline:
         if not self.read_only:
             self._lock_run_dir()
         try:
-            if resume:
+            self.progress_state = json.loads(prog_path.read_text()) if prog_path.exists() else {}
+            # a run that failed before any stage began (bad data, a model that does not load, ...) holds nothing
+            # to continue: a relaunch or a --resume with a fixed config starts it afresh
+            unstarted = prog_path.exists() and not self.read_only and not self.started()
+            if unstarted:
+                self.progress_state = {}
+            elif resume:
                 saved = C.from_dict(json.loads(cfg_path.read_text()))
                 changed = [k for k in C.config_diff(saved, self.cfg) if not k.startswith(RESUME_MAY_CHANGE)]
                 if changed:
                     raise C.ConfigError(f"--resume: the config differs from {cfg_path} in {changed}; a resumed run "
                                         f"must train what it started (only {RESUME_MAY_CHANGE} may change). Start "
                                         f"a new --run_dir instead")
-                self.progress_state = json.loads(prog_path.read_text()) if prog_path.exists() else {}
-            else:
-                if prog_path.exists():
-                    raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it or "
-                                          f"choose another --run_dir")
-                self.progress_state = {}
+            elif prog_path.exists():
+                raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it or "
+                                      f"choose another --run_dir")
         except BaseException:
             if self._unlock is not None:
                 self._unlock()
@@ -153,9 +161,26 @@ class Pipeline:
     def _add_rows(self, name: str, metrics_by_split: dict, **extra) -> None:
         rows = [r for r in self.progress_state["results"] if r["row"] != name]
         for split, m in metrics_by_split.items():
+            self._save_ranks(name, split, m)
             rows.append({"row": name, "split": split, **{k: float(v) for k, v in m.items() if "@" in k}, **extra})
         self.progress_state["results"] = rows
         self._save_progress()
+
+    def _save_ranks(self, name: str, split: str, m: dict) -> None:
+        """Writes eval/<name>_<split>_ranks.npy from the metrics' per-instance 'index' and 'ranks': one record
+        (index, user, position, rank) per instance, which the results table's CIs and paired tests read."""
+        if not self.primary or self.read_only:
+            return
+        index = np.asarray(m["index"], np.int64)
+        # index = the record's place in the split; (user, position) names the instance in any preparation
+        keys = np.zeros((int(index.max(initial=-1)) + 1, 2), np.int64)
+        for rec in itertools.islice(self.dataset().records(split), len(keys)):
+            keys[rec["index"]] = rec["user"], rec["position"]
+        out = np.zeros(len(index), [("index", np.int64), ("user", np.int64), ("position", np.int64),
+                                    ("rank", np.int32)])
+        out["index"], out["user"], out["position"], out["rank"] = index, *keys[index].T, m["ranks"]
+        (self.run_dir / "eval").mkdir(exist_ok=True)
+        save_array(self.run_dir / "eval" / f"{name}_{split}_ranks.npy", out)
 
     # ------------------------------------------------------------------------------------------ parts
 
@@ -236,19 +261,61 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------ stages
 
     def run(self) -> dict:
-        """Runs the configured stages (skipping finished ones) and returns the report dict."""
+        """Runs the configured stages (skipping finished ones) and returns the report dict. A stop requested
+        during a stage raises Interrupted once the stage has saved what it needs; one requested between stages
+        raises it before the next one starts. `self.stage` names the part running (for error messages)."""
+        from rporec_jax.train.resume import Stopped
+
         if not all(self._done(s) for s in self.cfg.stages):
+            self.stage = "data"
             self.dataset()  # changed data is refused before any model is built
+            self.stage = "start"
+            self.build()  # errors until here leave the run dir unstarted: relaunchable with a fixed config
+        todo = [s for s in self.cfg.stages if not self._done(s)]
         for stage in self.cfg.stages:
             if self._done(stage):
                 self.logger.summary(stage, "already done (resumed run): skipped")
                 continue
+            self.stage = stage
+            if not self.progress_state.get("started"):
+                self.progress_state["started"] = True
+                self._save_progress()
             t = time.time()
-            getattr(self, f"run_{stage}")()
+            try:
+                getattr(self, f"run_{stage}")()
+            except Stopped as e:
+                raise Interrupted(e.where) from None
             self.progress_state.setdefault("wall_s", {})[stage] = time.time() - t
             self._mark_done(stage)
             self.logger.summary(stage, f"done in {time.time() - t:.0f} s")
+            if stage != todo[-1] and self.should_stop():
+                raise Interrupted(f"{stage} (finished; the next stage had not begun)")
+        self.stage = "report"
         return self.write_report()
+
+    def started(self) -> bool:
+        """Returns whether a stage of this run has begun (before that, the run dir may be relaunched with another
+        config); run dirs from before the `started` flag count as started once they hold any stage output."""
+        st = self.progress_state
+        return bool(st.get("started") or st.get("done") or (self.run_dir / "cot").exists()
+                    or (self.run_dir / "ckpt").exists())
+
+    def record_error(self, exc: BaseException) -> str:
+        """Appends `exc`'s traceback to run.log (process 0) and returns a one-line description naming the part
+        of the run that raised it."""
+        import traceback
+
+        where = getattr(self, "stage", "start")
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, (C.ConfigError, RunDirError, FileNotFoundError, ValueError)):
+            text = f"{type(exc).__name__}: {text}"
+        if self.primary and not self.read_only:
+            try:
+                with open(self.run_dir / "run.log", "a", encoding="utf-8") as f:
+                    f.write(f"[{where}] error: {text}\n" + "".join(traceback.format_exception(exc)))
+            except OSError:
+                pass
+        return f"{where}: {text}"
 
     def cot_dir(self, split: str) -> Path:
         return self.run_dir / "cot" / split
@@ -256,7 +323,7 @@ class Pipeline:
     def run_cot(self) -> None:
         """Generates the teacher's CoT for the first `limit` instances of every split (resumable shards)."""
         from rporec_jax.sampling import Sampler
-        from rporec_jax.train.cot import generate_cot
+        from rporec_jax.train.cot import generate_cot, shard_path
 
         p = self.build()
         teacher = p.model
@@ -271,8 +338,11 @@ class Pipeline:
             cot_cfg = dataclasses.replace(self.cfg.cot, splits=(split,),
                                           shard_size=n or self.cfg.cot.shard_size)
             sampler = sampler or Sampler(teacher, cot_cfg.sampling())
+            # a resumed run must not go on to shard 1 of a limited split whose shard 0 is done
+            max_shards = None if not n else 0 if shard_path(self.cot_dir(split), split, 0).exists() else 1
             stats = generate_cot(teacher, p.ds, self.cot_dir(split), cot_cfg, sampler=sampler,
-                                 max_shards=1 if n else None, progress=self.progress, report=None)
+                                 max_shards=max_shards, progress=self.progress, report=None,
+                                 should_stop=self.should_stop)
             st = stats.splits[split]
             self.logger.summary("cot", f"{split}: {st['completions']} completions, format-valid "
                                        f"{st['valid_rate']:.1%}, mean {st['mean_tokens']:.0f} tokens, "
@@ -296,7 +366,8 @@ class Pipeline:
         t = time.time()
         state, report = run_stage1(p.ds, p.encoder, p.head, s1, cot, p.mesh, cfg.strategy,
                                    eval_splits=cfg.eval.splits, eval_config=cfg.eval.metrics, llm=p.model,
-                                   limit={s: self.limit(s) for s in ("train", "valid", "test")})
+                                   limit={s: self.limit(s) for s in ("train", "valid", "test")},
+                                   should_stop=self.should_stop)
         for row in report["history"]:
             flat = {k: v for k, v in row.items() if k not in ("evals", "step")}
             for step, ev in row.get("evals", {}).items():
@@ -464,23 +535,43 @@ class Pipeline:
         manager.close()
         return self.stage2_state
 
+    def _row_done(self, name: str) -> bool:
+        """Returns whether result row `name` was finished by this (resumed) eval stage for every split."""
+        keys = [f"{m}@{k}" for k in self.cfg.eval.metrics.ks for m in ("ndcg", "hr")]
+        have = {r["split"] for r in self.progress_state["results"] if r["row"] == name and all(k in r for k in keys)}
+        if set(self.cfg.eval.splits) <= have:
+            self.logger.summary("eval", f"row {name}: finished before the stop, kept")
+            return True
+        return False
+
     def run_eval(self) -> None:
-        """Evaluates the baselines and the tuned policy (its own reasoning, ranked by the Rechead)."""
+        """Evaluates the baselines and the tuned policy (its own reasoning, ranked by the Rechead). A stop is
+        honoured between rows, between SASRec steps and between policy generation batches; a resumed eval keeps
+        the rows finished before it and continues SASRec (`ckpt/sasrec_resume`) and the policy's completions
+        (`ckpt/policy_eval/`) where they stopped."""
+        from rporec_jax.train.resume import Stopped
+
         p, cfg = self.build(), self.cfg
         splits = cfg.eval.splits
         dev = jax.devices()[0].device_kind
-        if "popular" in cfg.eval.baselines:
+        if "popular" in cfg.eval.baselines and not self._row_done("popular"):
             t = time.time()
             self._add_rows("popular", {s: self._popular(s) for s in splits}, wall_s=time.time() - t, device=dev)
-        if "sasrec" in cfg.eval.baselines:
+        if "sasrec" in cfg.eval.baselines and not self._row_done("sasrec"):
             from rporec_jax.baselines.sasrec import SASRecConfig, evaluate_sasrec, train_sasrec
 
+            if self.should_stop():
+                raise Stopped("eval (before sasrec)")
             t = time.time()
             sc = SASRecConfig(epochs=cfg.eval.sasrec_epochs, eval=cfg.eval.metrics, progress=self.progress)
-            params, _ = train_sasrec(p.ds, sc, jax.random.key(cfg.seed), p.mesh)
-            self._add_rows("sasrec", {s: evaluate_sasrec(params, p.ds, s, sc, p.mesh,
+            params, _ = train_sasrec(p.ds, sc, jax.random.key(cfg.seed), p.mesh, should_stop=self.should_stop,
+                                     resume_dir=str(self.run_dir / "ckpt" / "sasrec_resume"))
+            self._add_rows("sasrec", {s: evaluate_sasrec(params, p.ds, s, sc, p.mesh, keep_ranks=True,
                                                          batches=self._limited_batches(s, sc.eval_batch_size))
                                       for s in splits}, wall_s=time.time() - t, device=dev)
+            from rporec_jax.train.resume import clear
+
+            clear(str(self.run_dir / "ckpt" / "sasrec_resume"))
         if self._done("stage2") or (self.run_dir / "ckpt" / "stage2").exists():
             self._eval_policy(splits, dev)
         rows = [r for r in self.progress_state["results"] if r["split"] == splits[-1]]
@@ -494,27 +585,38 @@ class Pipeline:
         state = self.restore_stage2()
         s2 = cfg.stage2
         n_new = cfg.eval.policy_max_new_tokens or s2.max_new_tokens
+        partial_dir = self.run_dir / "ckpt" / "policy_eval"
         for decoding in cfg.eval.policy_decoding:
+            name = "stage2" if decoding == "greedy" else "stage2_sampled"
+            if self._row_done(name):
+                continue
             t = time.time()
             sampler = Sampler(p.model, SamplingConfig(max_new_tokens=n_new, prompt_buckets=s2.prompt_buckets,
                                                       temperature=0.0 if decoding == "greedy" else s2.temperature,
-                                                      top_p=s2.top_p))
-            by_split, extra = {}, {}
+                                                      top_p=s2.top_p, force=s2.force_format))
+            by_split, extra, shown = {}, {}, []
             for split in splits:
                 m, cot = evaluate_policy(p.model, state.params["policy"], p.ds, split, p.head, state, p.encoder,
                                          decoding, limit=self.limit(split), seed=cfg.seed,
+                                         batch_size=cfg.eval.policy_batch_size,
                                          assume_think_open=s2.assume_think_open, mesh=p.mesh, strategy=cfg.strategy,
                                          eval_config=cfg.eval.metrics, sampler=sampler,
-                                         progress=self.progress)
+                                         progress=self.progress, should_stop=self.should_stop,
+                                         partial_file=str(partial_dir / f"{decoding}_{split}.jsonl"),
+                                         partial_tag=f"stage2 step {int(state.step)}")
                 by_split[split] = m
                 extra[f"{split}_format_rate"] = m["format_rate"]
-                if self.primary:
-                    self.logger.samples("eval", 0, [{"split": split, "decoding": decoding, **recs[0]}
-                                                    for recs in list(cot.values())[:2]])
-            name = "stage2" if decoding == "greedy" else "stage2_sampled"
+                shown += [{"split": split, "decoding": decoding, **recs[0]} for recs in list(cot.values())[:2]]
+            if self.primary:  # once per finished row: a resumed eval does not repeat them
+                self.logger.samples("eval", 0, shown)
             wall = time.time() - t + self.progress_state.get("wall_s", {}).get("stage2", 0.0)  # training + eval
             self._add_rows(name, by_split, wall_s=wall, device=dev,
                            format_rate=float(np.mean(list(extra.values()))))
+            if self.primary:
+                for split in splits:
+                    (partial_dir / f"{decoding}_{split}.jsonl").unlink(missing_ok=True)
+        if self.primary and partial_dir.is_dir() and not any(partial_dir.iterdir()):
+            partial_dir.rmdir()
 
     def _limited_batches(self, split: str, batch_size: int) -> list[dict]:
         """Returns loader batches of `split` holding only its first `limit` instances (valid=False after)."""
@@ -541,7 +643,7 @@ class Pipeline:
         scores = popularity_scores(popularity_counts(p.ds))
         ones = np.ones((256, 1), np.float32)
         return evaluate(lambda b: ones[:len(b["target"])], self._limited_batches(split, 256), self.cfg.eval.metrics,
-                        item_matrix=scores[:, None], mesh=p.mesh)
+                        item_matrix=scores[:, None], mesh=p.mesh, keep_ranks=True)
 
     # ------------------------------------------------------------------------------------------ report
 

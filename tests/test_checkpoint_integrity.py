@@ -84,3 +84,24 @@ def test_no_intact_step_is_one_clear_error(tmp_path):
     assert "\n" not in msg and "step 4" in msg and "does not match" in msg and "step 2 has no checksum" in msg
     assert ci.steps(root) == [2, 4]  # without quarantine (read-only export/recommend) nothing moves
     assert ci.newest_intact(tmp_path / "empty") is None
+
+
+def test_a_mid_stage_resume_state_round_trips_and_a_bad_one_is_set_aside(tmp_path, caplog):
+    from rporec_jax.train import resume
+
+    root = tmp_path / "stage1_resume"
+    like = lambda meta: resume.abstract(TREE)  # noqa: E731
+    meta = {"fingerprint": "a", "loop": {"epoch": 1, "losses": [0.5]}}
+    resume.save(str(root), 3, TREE, meta)
+    assert ci.problem(root, 3) is None  # sealed with its manifest
+    got, got_meta = resume.load(str(root), like, "a", "stage 1")
+    _same(got, 1)
+    assert got_meta == meta
+    with caplog.at_level(logging.WARNING):  # made under other settings: set aside, the stage restarts
+        assert resume.load(str(root), like, "b", "stage 1") is None
+    assert "stage 1: the saved resume state was made with other settings" in caplog.text and not root.exists()
+    resume.save(str(root), 3, TREE, meta)
+    _flip8(_data_file(root, 3))
+    with caplog.at_level(logging.WARNING):  # corrupt: the same
+        assert resume.load(str(root), like, "a", "stage 1") is None
+    assert "the saved resume state is unusable" in caplog.text and not root.exists()

@@ -61,6 +61,9 @@ def test_config_file_values():
     assert (paper.cot.max_new_tokens, paper.cot.top_p, paper.rechead.dim) == (768, 0.95, 1024)
     assert (paper.stage2.optim.lr, paper.stage2.loss.beta, paper.stage2.loss.entropy_quantile) == (1e-6, 1e-3, 0.2)
     assert isinstance(load_config("scientific").data.source, LCRecConfig)
+    for smol in (demo, load_config("scientific")):  # SmolLM2 never writes the format: forced in every sampler
+        assert smol.cot.force_format.enabled and smol.stage2.force_format == smol.cot.force_format
+    assert not syn.stage2.force_format.enabled and not paper.cot.force_format.enabled
 
 
 def test_overrides_of_each_type(base):
@@ -171,6 +174,22 @@ def test_validate_cross_field_checks(base):
         validate(apply_overrides(base, ["encoder.kind=bert"]))
     with pytest.raises(ConfigError, match=r"stages=\['cot'\].*use a tuple"):
         validate(dataclasses.replace(base, stages=["cot"]))
+
+
+def test_force_format_needs_think_open_parsing_and_room(base):
+    on = ["stage2.force_format.enabled=true", "stage2.force_format.think_tokens=10",
+          "stage2.force_format.answer_tokens=8", "stage2.prompt_buckets=256,264"]
+    validate(apply_overrides(base, on))  # assume_think_open, 24 new tokens >= 10 + 8 + 3
+    with pytest.raises(ConfigError, match="prefills <think>.*; set stage2.assume_think_open=true"):
+        validate(apply_overrides(base, [*on, "stage2.assume_think_open=false"]))
+    with pytest.raises(ConfigError, match=r"stage2.max_new_tokens=20 cannot hold stage2.force_format.think_tokens=10 "
+                                          r"\+ answer_tokens=8 \+ the forced tags"):
+        validate(apply_overrides(base, [*on, "stage2.max_new_tokens=20"]))
+    with pytest.raises(ConfigError, match=r"eval.policy_max_new_tokens=16 cannot hold"):
+        validate(apply_overrides(base, [*on, "eval.policy_max_new_tokens=16"]))
+    with pytest.raises(ConfigError, match=r"max_prompt_tokens=256 \+ the prefilled <think> exceeds the largest "
+                                          r"stage2.prompt_buckets \(256\); add a bucket >= 257"):
+        validate(apply_overrides(base, on[:-1]))
 
 
 def _numeric_fields(cls, prefix=""):

@@ -190,6 +190,45 @@ def test_movielens_extraction_is_atomic(tmp_path, monkeypatch):
         MovieLensConfig(root=str(root), download=False).files()
 
 
+def test_a_broken_download_leaves_no_temp_file_and_old_ones_are_removed(tmp_path, monkeypatch):
+    import http.client
+
+    from rporec_jax.data.sources import _io
+
+    dest = tmp_path / "d" / "f.bin"
+    dest.parent.mkdir()
+    old = dest.with_name("f.bin.part999999")  # left by a download killed long ago
+    old.write_bytes(b"x")
+    os.utime(old, (0, 0))
+    fresh = dest.with_name("f.bin.part1")  # written just now: maybe another process's live download
+    fresh.write_bytes(b"x")
+
+    class Response:  # the connection breaks off (or Ctrl-C comes) after the first chunk
+        headers = {"Content-Length": "100"}
+
+        def __init__(self, error):
+            self.error, self.chunks = error, iter([b"a" * 10])
+
+        def read(self, _size):
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                raise self.error
+            return chunk
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    for error, expected in ((http.client.IncompleteRead(b"", 90), ValueError),
+                            (KeyboardInterrupt(), KeyboardInterrupt)):
+        monkeypatch.setattr(_io.urllib.request, "urlopen", lambda url, timeout, e=error: Response(e))
+        with pytest.raises(expected):
+            _io.download("http://example.invalid/f.bin", dest)
+        assert sorted(p.name for p in dest.parent.iterdir()) == ["f.bin.part1"]
+
+
 # ----------------------------------------------------------------------------------------- item 13
 
 def test_temp_dirs_of_killed_prepares_are_removed_live_ones_kept(tmp_path):

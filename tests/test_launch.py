@@ -85,11 +85,38 @@ def test_sigterm_saves_and_resume_repeats_the_uninterrupted_run(full_run, tmp_pa
     ("stage2.nosuchfield=1", "nosuchfield"),
     ("backbone.path=/does/not/exist", "/does/not/exist"),
     ("stages=stage2,cot", "order"),
+    # every section's ranges, the mesh against the devices (8 fake CPUs here), every path the run reads
+    ("stage1.batch_size=0", "stage1.batch_size=0: must be >= 1"),
+    ("data.num_negatives=-3", "data.num_negatives=-3: must be >= 0"),
+    ("stage2.optim.lr=-1", "stage2.optim.lr=-1.0: must be > 0"),
+    ("mesh.data=16", "needs 16 devices, but 8 are available"),
+    ("cot.teacher=/no/teacher", "cot.teacher='/no/teacher' does not exist"),
 ])
 def test_bad_config_fails_before_heavy_work(override, message, tmp_path, capsys):
     t = time.time()
-    assert main(["--config", "synthetic", "--run_dir", str(tmp_path / "r"), "--set", override]) == EXIT_BAD_INPUT
-    assert message in capsys.readouterr().err and time.time() - t < 10
+    assert main(["--config", "synthetic", "--run_dir", str(tmp_path / "r"), "--set", override,
+                 "--no_preflight"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and time.time() - t < 10, err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("source,message", [
+    ({"kind": "movielens", "root": "{tmp}/nowhere", "download": False}, "data.source.root='{tmp}/nowhere': no such"),
+    ({"kind": "lcrec", "root": "{tmp}"}, "{tmp}: expected exactly one *.inter.json (found 0)"),
+    ({"kind": "lcrec", "root": "{tmp}", "prefix": "X"}, "{tmp}/X.inter.json does not exist"),
+])
+def test_missing_data_files_fail_before_the_run_dir_is_written(source, message, tmp_path, capsys):
+    from rporec_jax import config as C
+
+    d = C.to_dict(C.load_config("synthetic"))
+    d["data"]["source"] = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in source.items()}
+    if d["data"]["source"]["kind"] == "lcrec":
+        d["data"]["split"]["kind"] = "leave_one_out"
+    (tmp_path / "cfg.json").write_text(json.dumps(d))
+    assert main(["--config", str(tmp_path / "cfg.json"), "--run_dir", str(tmp_path / "r")]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and err.count("\n") == 1, err
     assert not (tmp_path / "r").exists()
 
 

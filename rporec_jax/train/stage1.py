@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 from typing import Callable, Iterator, Optional
 
@@ -21,6 +22,7 @@ from jax.sharding import Mesh
 from rporec_jax import sharding as shd
 from rporec_jax.losses import sampled_softmax_ce
 from rporec_jax.models.rechead import Rechead, RecheadConfig, item_vectors
+from rporec_jax.train import resume as _resume
 from rporec_jax.train.state import OptimConfig, TrainState, add_params, attach_optimizer, compose, set_trainable
 
 log = logging.getLogger(__name__)
@@ -121,10 +123,17 @@ def iterate_batches(examples: dict, batch_size: int, rng: np.random.Generator, s
 
 
 def fit_stage1(state: TrainState, head: RecheadConfig, examples: dict, cfg: Stage1Config,
-               mesh: Optional[Mesh] = None, on_eval: Optional[Callable] = None):
+               mesh: Optional[Mesh] = None, on_eval: Optional[Callable] = None,
+               should_stop: Optional[Callable[[], bool]] = None, start: Optional[dict] = None):
     """Returns (trained state, per-epoch history) after `cfg.epochs` passes over `examples` with a progress
     bar; `on_eval(step, state) -> dict` runs every `cfg.eval_every` steps (or at each epoch's end) and its
-    metrics go into the history."""
+    metrics go into the history.
+
+    `should_stop()` is polled before every step: when it returns True, `Stopped` is raised carrying the state
+    and `loop` (epoch, batches done in it, its losses and validations so far, the history); passing that `loop`
+    as `start` with the stopped state continues exactly as if never stopped (same batches, keys, history)."""
+    import itertools
+
     from tqdm.auto import tqdm
 
     mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
@@ -133,12 +142,29 @@ def fit_stage1(state: TrainState, head: RecheadConfig, examples: dict, cfg: Stag
     rng = np.random.default_rng(cfg.seed)
     n = len(next(iter(examples.values())))
     steps_per_epoch = -(-n // cfg.batch_size)
-    history = []
-    with tqdm(total=cfg.epochs * steps_per_epoch, desc="stage 1", unit="step") as bar:
+    start = start or {}
+    first_epoch, first_batch = start.get("epoch", 0), start.get("batch", 0)
+    # JSON (a saved `loop`) turns the validations' step keys into strings
+    history = [{**r, **({"evals": {int(k): v for k, v in r["evals"].items()}} if "evals" in r else {})}
+               for r in start.get("history", [])]
+    with tqdm(total=cfg.epochs * steps_per_epoch, desc="stage 1", unit="step",
+              initial=first_epoch * steps_per_epoch + first_batch) as bar:
         for epoch in range(cfg.epochs):
+            if epoch < first_epoch:
+                rng.permutation(n)  # the order that epoch drew (iterate_batches draws exactly this)
+                continue
             t0, losses = time.perf_counter(), []
             evals = {}
-            for batch in iterate_batches(examples, cfg.batch_size, rng, multiple=multiple):
+            batches = iterate_batches(examples, cfg.batch_size, rng, multiple=multiple)
+            if epoch == first_epoch and first_batch:
+                losses = [np.float32(x) for x in start["losses"]]
+                evals = {int(k): v for k, v in start["evals"].items()}
+                batches = itertools.islice(batches, first_batch, None)
+            for b, batch in enumerate(batches, start=len(losses)):
+                if should_stop is not None and should_stop():
+                    raise _resume.Stopped(f"stage1 at step {int(state.step)}", state,
+                                  {"epoch": epoch, "batch": b, "losses": [float(x) for x in shd.to_host(losses)],
+                                   "evals": evals, "history": history})
                 state, metrics = step(state, batch)
                 losses.append(metrics["loss"])
                 bar.update(1)
@@ -174,8 +200,10 @@ def _eval_fns(head: RecheadConfig):
 
 
 def evaluate_rechead(state: TrainState, head: RecheadConfig, examples: dict, num_items: int,
-                     mesh: Optional[Mesh] = None, strategy="dp", eval_config=None, batch_size: int = 256) -> dict:
-    """Returns full-ranking metrics ({'ndcg@K', 'hr@K', 'count'}) of the Rechead in `state` on `examples`."""
+                     mesh: Optional[Mesh] = None, strategy="dp", eval_config=None, batch_size: int = 256,
+                     keep_ranks: bool = False) -> dict:
+    """Returns full-ranking metrics ({'ndcg@K', 'hr@K', 'count'}) of the Rechead in `state` on `examples`;
+    `keep_ranks` adds the per-instance 'ranks' and 'index' (see `rporec_jax.eval.evaluate`)."""
     from rporec_jax.eval import EvalConfig, evaluate
 
     mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
@@ -188,19 +216,24 @@ def evaluate_rechead(state: TrainState, head: RecheadConfig, examples: dict, num
         return users(state.params, {k: v for k, v in batch.items() if k in _HEAD_INPUTS})
 
     batches = iterate_batches(examples, batch_size, np.random.default_rng(0), shuffle=False, multiple=multiple)
-    return evaluate(fn, batches, eval_config, item_matrix=items, num_items=num_items, mesh=mesh, strategy=strategy)
+    return evaluate(fn, batches, eval_config, item_matrix=items, num_items=num_items, mesh=mesh, strategy=strategy,
+                    keep_ranks=keep_ranks)
 
 
 def run_stage1(ds, encoder, head: RecheadConfig, cfg: Stage1Config, cot: Optional[dict] = None,
                mesh: Optional[Mesh] = None, strategy="dp", eval_splits=("valid", "test"), limit=None,
-               eval_config=None, llm=None):
+               eval_config=None, llm=None, should_stop: Optional[Callable[[], bool]] = None):
     """Returns (state, report) after training a Rechead on `ds`'s train split and evaluating it with full
     ranking on `eval_splits` after every epoch (valid) and at the end (all). Text variants: towers start
     from the static `encoder`'s table and the frozen item matrix is that encoder over every item text
     (cached). `hidden_state`: the frozen `llm` reads prompt + completion and every item text.
+    report[split] holds the final metrics plus the per-instance 'ranks' and 'index' (`evaluate(keep_ranks)`).
 
     cot: {split: {instance index: [CoT records]}} (instance indices restart in every split).
-    limit: the first `limit` instances of every split, or {split: limit or None}."""
+    limit: the first `limit` instances of every split, or {split: limit or None}.
+    should_stop: polled before every step; when it returns True the training state, the best Rechead so far and
+    the loop position are saved under `cfg.checkpoint_dir/stage1_resume` (when set) and `Stopped` is raised. A
+    later call with the same settings continues from there and returns what an uninterrupted call returns."""
     from rporec_jax.models.rechead import init_rechead
     from rporec_jax.train.features import item_matrix, rechead_examples
     from rporec_jax.train.hidden_features import hidden_examples, item_hidden_matrix
@@ -234,51 +267,102 @@ def run_stage1(ds, encoder, head: RecheadConfig, cfg: Stage1Config, cot: Optiona
     state = stage1_state(head, params, items, cfg.optim, jax.random.key(cfg.seed + 1), mesh, strategy)
     num_items = ds.num_items
     best = {"score": -np.inf, "step": None, "rechead": None}
-    manager = _best_checkpointer(cfg) if cfg.checkpoint_dir else None
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, state.params["rechead"])
+    resume_root = os.path.abspath(os.path.join(cfg.checkpoint_dir, "stage1_resume")) if cfg.checkpoint_dir else None
+    fp = _resume.fingerprint(dataclasses.replace(cfg, checkpoint_dir=None), head, eval_splits, eval_config, limits,
+                             getattr(ds, "manifest", {}).get("fingerprint"))
+    start = None
+    if resume_root is not None:
+        state, best, start = _load_resume(resume_root, fp, state, best)
 
     def on_eval(step, st):
         m = evaluate_rechead(st, head, examples["valid"], num_items, mesh, strategy, eval_config)
         score = m[cfg.select_metric]
         if score > best["score"]:  # keep the best Rechead on the host (it is small next to the LLM)
             best.update(score=score, step=step, rechead=shd.to_host(st.params["rechead"]))
-        if manager is not None:
-            import orbax.checkpoint as ocp
-
-            manager.save(step, args=ocp.args.StandardSave(st.params["rechead"]), metrics={cfg.select_metric: score})
         return {f"valid_{k}": v for k, v in m.items()}
 
-    state, history = fit_stage1(state, head, examples["train"], cfg, mesh,
-                                on_eval if "valid" in examples else None)
-    if manager is not None:
-        from rporec_jax.train.ckpt_integrity import seal
-
-        manager.wait_until_finished()
-        manager.close()
-        if jax.process_index() == 0:
-            seal(str(manager.directory))
+    try:
+        state, history = fit_stage1(state, head, examples["train"], cfg, mesh,
+                                    on_eval if "valid" in examples else None, should_stop=should_stop, start=start)
+    except _resume.Stopped as e:
+        if resume_root is not None:
+            _save_resume(resume_root, fp, e.state, e.loop, best, shardings)
+        raise
     report = {"history": history, "best_step": best["step"], f"best_valid_{cfg.select_metric}": best["score"]}
     if best["rechead"] is not None:  # report every split at the best validation step, as selected
-        shardings = jax.tree_util.tree_map(lambda x: x.sharding, state.params["rechead"])
         state = state.replace(params={**state.params, "rechead": jax.device_put(best["rechead"], shardings)})
+    if cfg.checkpoint_dir:  # the best Rechead, saved once training is over (the resume state holds it before)
+        _save_best(cfg, best["step"], best["score"], state.params["rechead"] if best["rechead"] is not None else None)
+        _resume.clear(resume_root)
     for s in eval_splits:
-        report[s] = evaluate_rechead(state, head, examples[s], num_items, mesh, strategy, eval_config)
+        report[s] = evaluate_rechead(state, head, examples[s], num_items, mesh, strategy, eval_config,
+                                     keep_ranks=True)
     return state, report
 
 
 def _best_checkpointer(cfg: Stage1Config):
     """Returns an orbax CheckpointManager keeping only the best Rechead by `cfg.select_metric`."""
-    import os
-
     import orbax.checkpoint as ocp
 
     opts = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m[cfg.select_metric], best_mode="max")
     return ocp.CheckpointManager(os.path.abspath(os.path.join(cfg.checkpoint_dir, "stage1_rechead")), options=opts)
 
 
+def _save_best(cfg: Stage1Config, step: Optional[int], score: float, rechead) -> None:
+    """Writes `checkpoint_dir/stage1_rechead` holding only the best Rechead (step `step`), sealed; what an
+    earlier, unfinished attempt left there is removed first."""
+    import orbax.checkpoint as ocp
+
+    from rporec_jax.train.ckpt_integrity import seal
+
+    _resume.clear(os.path.abspath(os.path.join(cfg.checkpoint_dir, "stage1_rechead")))
+    if rechead is None:
+        return
+    with _best_checkpointer(cfg) as manager:
+        manager.save(step, args=ocp.args.StandardSave(rechead), metrics={cfg.select_metric: float(score)})
+        manager.wait_until_finished()
+        if jax.process_index() == 0:
+            seal(str(manager.directory))
+
+
+def _save_resume(root: str, fp: str, state: TrainState, loop: dict, best: dict, shardings) -> None:
+    """Saves stage 1's resume state: the train state (Rechead, optimizer, step, key), the best Rechead so far
+    and `loop` (position, this epoch's losses, the history)."""
+    arrays = {"step": state.step, "rechead": state.params["rechead"], "opt_state": state.opt_state,
+              "key": jax.random.key_data(state.key)}
+    if best["rechead"] is not None:
+        arrays["best_rechead"] = jax.device_put(best["rechead"], shardings)
+    meta = {"fingerprint": fp, "loop": loop, "best_score": None if best["rechead"] is None else float(best["score"]),
+            "best_step": best["step"]}
+    _resume.save(root, int(state.step), arrays, meta)
+
+
+def _load_resume(root: str, fp: str, state: TrainState, best: dict):
+    """Returns (state, best, loop) from the resume state under `root`, or the inputs and None when there is none
+    usable (the stage then starts from its beginning)."""
+    def like(meta):
+        tree = {"step": state.step, "rechead": state.params["rechead"], "opt_state": state.opt_state,
+                "key": jax.random.key_data(state.key)}
+        if meta["best_score"] is not None:
+            tree["best_rechead"] = state.params["rechead"]
+        return _resume.abstract(tree)
+
+    got = _resume.load(root, like, fp, "stage 1")
+    if got is None:
+        return state, best, None
+    arrays, meta = got
+    state = state.replace(step=arrays["step"], params={**state.params, "rechead": arrays["rechead"]},
+                          opt_state=arrays["opt_state"],
+                          key=jax.random.wrap_key_data(arrays["key"], impl=jax.random.key_impl(state.key)))
+    if meta["best_score"] is not None:
+        best = {"score": meta["best_score"], "step": meta["best_step"], "rechead": shd.to_host(arrays["best_rechead"])}
+    log.info("stage 1: resumed at step %d (epoch %d)", int(state.step), meta["loop"]["epoch"] + 1)
+    return state, best, meta["loop"]
+
+
 def restore_best_rechead(checkpoint_dir: str, like: dict) -> tuple[int, dict]:
     """Returns (step, Rechead params) of the best stage-1 checkpoint, placed like the pytree `like`."""
-    import os
-
     import orbax.checkpoint as ocp
 
     from rporec_jax.train.ckpt_integrity import newest_intact

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -92,34 +93,61 @@ def download(url: str, dest: Path, md5: str | None = None, why: str = "") -> Pat
     mismatch.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_parts(dest)
     print(f"{why}downloading {url} to {dest}", file=sys.stderr, flush=True)
     tmp = dest.with_name(dest.name + f".part{os.getpid()}")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            expected = r.headers.get("Content-Length")
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-    except OSError as e:
+    try:  # whatever stops it (no network, a cut connection, a bad checksum, Ctrl-C), the temp file goes
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                expected = r.headers.get("Content-Length")
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+        except OSError as e:
+            raise FileNotFoundError(f"{dest} is absent and downloading it from {url} failed: {e}") from e
+        except http.client.HTTPException as e:  # e.g. IncompleteRead: the connection closed early
+            raise ValueError(f"{url}: the download broke off ({type(e).__name__}: {e}); run again to retry") from e
+        size = tmp.stat().st_size
+        if expected is not None and size != int(expected):
+            raise ValueError(f"{url}: received {size} bytes of the announced {expected}; run again to retry")
+        if md5 is not None and (got := file_digest(tmp, "md5")) != md5:
+            raise ValueError(f"{url}: MD5 {got} does not match the published {md5}")
+        put_recorded(tmp, dest, url)
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        raise FileNotFoundError(f"{dest} is absent and downloading it from {url} failed: {e}") from e
-    size = tmp.stat().st_size
-    if expected is not None and size != int(expected):
-        tmp.unlink(missing_ok=True)
-        raise ValueError(f"{url}: received {size} bytes of the announced {expected}; run again to retry")
-    if md5 is not None and (got := file_digest(tmp, "md5")) != md5:
-        tmp.unlink(missing_ok=True)
-        raise ValueError(f"{url}: MD5 {got} does not match the published {md5}")
-    put_recorded(tmp, dest, url)
+        raise
     return dest
+
+
+PART_STALE_AFTER_S = 600  # a live download writes at least every 60 s (its read timeout)
+
+
+def remove_stale_parts(dest: Path) -> list[Path]:
+    """Returns the temp files `<dest>.part<pid>` and `<dest>.download.json.part<pid>` that a killed download left
+    (not written for PART_STALE_AFTER_S), after removing them."""
+    removed = []
+    for pattern in (dest.name + ".part*", record_path(dest).name + ".part*"):
+        for p in dest.parent.glob(pattern):
+            try:
+                stale = p.name.rsplit(".part", 1)[1].isdigit() and time.time() - p.stat().st_mtime > PART_STALE_AFTER_S
+                if stale:
+                    p.unlink()
+                    removed.append(p)
+            except OSError:
+                pass  # removed meanwhile
+    return removed
 
 
 def put_recorded(src: Path, dest: Path, url: str) -> None:
     """Moves the complete file `src` to `dest` (atomically, same file system), recording `url`, size and sha256."""
     rec = record_path(dest)
     part = rec.with_name(rec.name + f".part{os.getpid()}")
-    part.write_text(json.dumps({"url": url, "bytes": src.stat().st_size, "sha256": file_digest(src)}))
-    # The record first: a file without its record would be trusted unverified.
-    os.replace(part, rec)
+    try:
+        part.write_text(json.dumps({"url": url, "bytes": src.stat().st_size, "sha256": file_digest(src)}))
+        # The record first: a file without its record would be trusted unverified.
+        os.replace(part, rec)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
     os.replace(src, dest)
 
 
